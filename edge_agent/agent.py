@@ -1,0 +1,192 @@
+"""The agent's main loop: sample telemetry into the spool, keep the uplink connected, drain.
+
+One thread runs the loop; paho's network thread only hands acknowledgements
+and connection events back through thread-safe queues and events.
+"""
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from edge_agent import __version__
+from edge_agent.config import AgentConfig
+from edge_agent.entropy import EntropyGate
+from edge_agent.errors import SpoolError
+from edge_agent.identity import DeviceIdentity, load_identity
+from edge_agent.spool import Spool
+from edge_agent.telemetry import SystemSampler, build_message, read_boot_id, telemetry_topic
+from edge_agent.thermal import ThermalGovernor
+from edge_agent.tls import create_client_context
+from edge_agent.uplink import STABLE_SESSION_S, Backoff, Uplink
+
+logger = logging.getLogger(__name__)
+
+THERMAL_PERIOD_S = 10.0
+# The loop wakes at least this often to notice signals and lost sessions.
+MAX_IDLE_S = 1.0
+
+
+@dataclass
+class _Schedule:
+    next_connect: float = 0.0
+    next_sample: float = 0.0
+    next_thermal: float = 0.0
+
+
+class Agent:
+    """Owns the spool, the uplink and the periodic jobs of one ``edge-agent run``."""
+
+    def __init__(self, config: AgentConfig, identity: Optional[DeviceIdentity] = None) -> None:
+        self.config = config
+        self.identity = identity or load_identity(config.identity, config.device_id)
+        self.device_id = config.device_id or self.identity.device_id
+        self.boot_id = read_boot_id()
+        self.sequence_key = f"seq:{self.boot_id}"
+        self.topic = telemetry_topic(config.telemetry.topic_prefix, self.device_id)
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.spool_write_failures = 0
+
+        self.spool = Spool(
+            config.spool.path,
+            max_messages=config.spool.max_messages,
+            max_bytes=config.spool.max_bytes,
+            overflow=config.spool.overflow,
+        )
+        self.entropy = EntropyGate(config.entropy)
+        self.thermal = ThermalGovernor(config.thermal)
+        self.backoff = Backoff(config.reconnect)
+        self.sampler = SystemSampler(disk_path=config.spool.path.parent)
+        self._context = create_client_context(config.broker, self.identity)
+        self.uplink = Uplink(
+            config.broker,
+            client_id=self.device_id,
+            topic_prefix=config.telemetry.topic_prefix,
+            spool=self.spool,
+            context_factory=lambda: self._context,
+            window=config.spool.inflight_window,
+            wake=self.wake,
+        )
+        self._schedule = _Schedule()
+
+    # --- health -----------------------------------------------------------
+
+    def health(self) -> dict:
+        stats = self.spool.stats()
+        entropy = self.entropy.last_status
+        return {
+            "version": __version__,
+            "connection": self.uplink.state,
+            "queue_depth": stats.depth,
+            "spool": stats.to_dict(),
+            "spool_write_failures": self.spool_write_failures,
+            "pin_failures": self.uplink.counters.pin_failures,
+            "connects": self.uplink.counters.connects,
+            "connect_failures": self.uplink.counters.connect_failures,
+            "disconnects": self.uplink.counters.disconnects,
+            "last_error": self.uplink.last_error,
+            "thermal": self.thermal.to_dict(),
+            "entropy": None if entropy is None else entropy.to_dict(),
+        }
+
+    # --- jobs -------------------------------------------------------------
+
+    def sample_telemetry(self) -> Optional[int]:
+        """Take one reading and store it in the spool; return the message id once it is durable."""
+        system = self.sampler.sample()
+        thermal = self.thermal.to_dict()
+        if thermal["available"]:
+            system["temperature_c"] = thermal["temperature_c"]
+        agent_health = self.health()
+
+        def build(sequence: int) -> bytes:
+            return build_message(self.device_id, self.boot_id, sequence, system, agent_health)
+
+        try:
+            return self.spool.append_sequenced(self.topic, build, self.sequence_key)
+        except SpoolError as exc:
+            self.spool_write_failures += 1
+            logger.error("telemetry reading not accepted (%d so far): %s", self.spool_write_failures, exc)
+            return None
+
+    def try_connect(self, now: float) -> None:
+        if not self.entropy.wait_until_ready(f"TLS handshake with {self.config.broker.host}"):
+            self._schedule.next_connect = now + self.backoff.next_delay(self.thermal.slowdown)
+            return
+        if self.uplink.connect():
+            return
+        delay = self.backoff.next_delay(self.thermal.slowdown)
+        logger.info("next connection attempt to %s in %.1f s", self.config.broker.host, delay)
+        self._schedule.next_connect = time.monotonic() + delay
+
+    def _after_pump(self, was_connected: bool) -> None:
+        if was_connected and self.uplink.state != "connected":
+            if self.uplink.last_session_s >= STABLE_SESSION_S:
+                self.backoff.reset()
+            delay = self.backoff.next_delay(self.thermal.slowdown)
+            logger.info("reconnecting to %s in %.1f s", self.config.broker.host, delay)
+            self._schedule.next_connect = time.monotonic() + delay
+
+    # --- loop -------------------------------------------------------------
+
+    def step(self, now: float) -> float:
+        """Run whatever is due at ``now``; return the seconds until something is due again."""
+        schedule = self._schedule
+        if now >= schedule.next_thermal:
+            self.thermal.update()
+            schedule.next_thermal = now + THERMAL_PERIOD_S
+        if self.uplink.state != "connected" and now >= schedule.next_connect:
+            self.try_connect(now)
+        if now >= schedule.next_sample:
+            self.sample_telemetry()
+            schedule.next_sample = max(schedule.next_sample + self.config.telemetry.interval_s, now)
+
+        was_connected = self.uplink.state == "connected"
+        self.uplink.pump()
+        self._after_pump(was_connected)
+
+        due = [schedule.next_sample, schedule.next_thermal]
+        if self.uplink.state != "connected":
+            due.append(schedule.next_connect)
+        return max(0.0, min(min(due) - time.monotonic(), MAX_IDLE_S))
+
+    def run(self, duration_s: Optional[float] = None) -> None:
+        """Run until ``stop`` is called or ``duration_s`` passes."""
+        logger.info(
+            "edge-agent %s starting: device %s, broker %s:%d, spool %s (%d queued)",
+            __version__, self.device_id, self.config.broker.host, self.config.broker.port,
+            self.config.spool.path, self.spool.depth,
+        )
+        end = None if duration_s is None else time.monotonic() + duration_s
+        self._schedule = _Schedule(next_sample=time.monotonic())
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                timeout = self.step(now)
+                self.wake.wait(timeout)
+                self.wake.clear()
+        finally:
+            self.shutdown()
+
+    def stop(self, *_args) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def shutdown(self) -> None:
+        logger.info("edge-agent stopping: %d messages stay in the spool", self.spool.depth)
+        try:
+            self.uplink.close()
+        finally:
+            self.spool.close()
+        logger.info("edge-agent stopped")
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)

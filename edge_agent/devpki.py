@@ -1,0 +1,274 @@
+"""A development PKI for the demo and the tests: never for production devices.
+
+It creates a manufacturer CA and an IDevID in the IEEE 802.1AR shape
+(subject serialNumber, a HardwareModuleName SAN, notAfter 99991231235959Z),
+a broker CA with a broker certificate for localhost, 127.0.0.1 and ::1, and a
+spare broker key whose pin serves as the backup pin. Private keys are written
+with mode 0600 and never overwrite an existing file.
+"""
+
+import argparse
+import datetime
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_agent.asn1 import hardware_module_name_san
+from edge_agent.identity import NO_EXPIRATION
+from edge_agent.pinning import Pin, pin_from_public_key
+
+# A private enterprise arc for example hardware types in the development PKI.
+DEV_HW_TYPE = "1.3.6.1.4.1.32473.1.1"
+
+UTC = datetime.timezone.utc
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate together with its private key."""
+
+    certificate: x509.Certificate
+    key: object
+
+    @property
+    def pin(self) -> Pin:
+        return pin_from_public_key(self.certificate.public_key())
+
+
+def new_key(kind: str = "ec-p256"):
+    """Generate a private key: ``ec-p256``, ``ec-p384``, ``rsa-2048``, ``rsa-3072`` or ``rsa-4096``."""
+    if kind == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind.startswith("rsa-"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(kind[4:]))
+    raise ValueError(f"unknown key kind {kind!r}; use ec-p256, ec-p384, rsa-2048, rsa-3072 or rsa-4096")
+
+
+def _name(common_name: str, serial_number: Optional[str] = None, organization: str = "edge-agent development") -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)]
+    if serial_number is not None:
+        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(UTC).replace(microsecond=0)
+
+
+def make_ca(
+    common_name: str,
+    key=None,
+    not_before: Optional[datetime.datetime] = None,
+    not_after: Optional[datetime.datetime] = None,
+    issuer: Optional[Issued] = None,
+) -> Issued:
+    """Create a CA certificate with critical basicConstraints and keyUsage, self-signed unless ``issuer`` is given."""
+    key = key or new_key()
+    not_before = not_before or _now() - datetime.timedelta(days=1)
+    not_after = not_after or not_before + datetime.timedelta(days=3650)
+    subject = _name(common_name)
+    public_key = key.public_key()
+    signer_key = issuer.key if issuer else key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    authority = issuer.key.public_key() if issuer else public_key
+    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority), critical=False)
+    return Issued(builder.sign(signer_key, hashes.SHA256()), key)
+
+
+def _san_entry(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def issue_server_cert(
+    ca: Issued,
+    names: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
+    key=None,
+    not_before: Optional[datetime.datetime] = None,
+    not_after: Optional[datetime.datetime] = None,
+) -> Issued:
+    """Issue a TLS server certificate for ``names`` (DNS names or IP addresses)."""
+    key = key or new_key()
+    not_before = not_before or _now() - datetime.timedelta(days=1)
+    not_after = not_after or not_before + datetime.timedelta(days=825)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0] if names else "broker"))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_san_entry(n) for n in names]), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def issue_idevid(
+    ca: Issued,
+    serial_number: str,
+    key=None,
+    hw_type: str = DEV_HW_TYPE,
+    hw_serial: Optional[bytes] = None,
+    not_after: datetime.datetime = NO_EXPIRATION,
+    not_before: Optional[datetime.datetime] = None,
+    common_name: Optional[str] = None,
+) -> Issued:
+    """Issue an IDevID: subject serialNumber, HardwareModuleName SAN, no expiration by default."""
+    key = key or new_key()
+    not_before = not_before or _now() - datetime.timedelta(days=1)
+    hw_serial = serial_number.encode("ascii") if hw_serial is None else hw_serial
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name or serial_number, serial_number=serial_number))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([hardware_module_name_san(hw_type, hw_serial)]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def write_private_key(path: Path, key, passphrase: Optional[bytes] = None, mode: int = 0o600) -> Path:
+    """Write a PKCS#8 PEM key with ``mode``; an existing file is never overwritten."""
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    # O_EXCL: refuse to overwrite; the mode applies at creation, so the key is never briefly readable by others.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, mode)
+    return path
+
+
+def write_certificates(path: Path, certificates: Iterable[x509.Certificate]) -> Path:
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates))
+    return path
+
+
+@dataclass(frozen=True)
+class DevPki:
+    """Paths and pins of a generated development PKI."""
+
+    folder: Path
+    manufacturer_ca: Path
+    idevid_cert: Path
+    idevid_key: Path
+    broker_ca: Path
+    broker_cert: Path
+    broker_key: Path
+    spare_broker_key: Path
+    broker_pin: Pin
+    spare_pin: Pin
+    device_serial: str
+    observer_cert: Path
+    observer_key: Path
+
+
+def create_dev_pki(folder: Path, device_serial: str = "GW-0001", key_kind: str = "ec-p256") -> DevPki:
+    """Create the demo PKI in ``folder`` (created with mode 0700 when missing).
+
+    It also issues ``observer.pem``, a client certificate from the same
+    manufacturer CA for the subscriber that shows what the broker receives.
+    """
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    manufacturer = make_ca("edge-agent development manufacturer CA")
+    idevid = issue_idevid(manufacturer, device_serial, key=new_key(key_kind))
+    broker_ca = make_ca("edge-agent development broker CA")
+    broker = issue_server_cert(broker_ca)
+    spare = new_key()
+    # The demo's subscriber also needs a client certificate the broker accepts.
+    observer = issue_idevid(manufacturer, "cloud-observer")
+
+    pki = DevPki(
+        folder=folder,
+        manufacturer_ca=write_certificates(folder / "manufacturer-ca.pem", [manufacturer.certificate]),
+        idevid_cert=write_certificates(folder / "idevid.pem", [idevid.certificate]),
+        idevid_key=write_private_key(folder / "idevid.key", idevid.key),
+        broker_ca=write_certificates(folder / "broker-ca.pem", [broker_ca.certificate]),
+        broker_cert=write_certificates(folder / "broker.pem", [broker.certificate]),
+        broker_key=write_private_key(folder / "broker.key", broker.key),
+        spare_broker_key=write_private_key(folder / "broker-spare.key", spare),
+        broker_pin=broker.pin,
+        spare_pin=pin_from_public_key(spare.public_key()),
+        device_serial=device_serial,
+        observer_cert=write_certificates(folder / "observer.pem", [observer.certificate]),
+        observer_key=write_private_key(folder / "observer.key", observer.key),
+    )
+    # The broker CA's key is not written: the demo never issues another broker certificate.
+    return pki
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m edge_agent.devpki",
+        description="Create a development PKI (manufacturer CA, IDevID, broker CA and certificate, spare key).",
+    )
+    parser.add_argument("folder", type=Path, help="folder to write into; existing key files are never overwritten")
+    parser.add_argument("--serial", default="GW-0001", help="device serial number for the IDevID (default: GW-0001)")
+    args = parser.parse_args(argv)
+    try:
+        pki = create_dev_pki(args.folder, args.serial)
+    except FileExistsError as exc:
+        print(f"error: {exc.filename} already exists; choose an empty folder", file=sys.stderr)
+        return 1
+    print(f"development PKI written to {pki.folder}")
+    print(f"broker pin: {pki.broker_pin}")
+    print(f"backup pin: {pki.spare_pin}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

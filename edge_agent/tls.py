@@ -1,0 +1,184 @@
+"""The client TLS context: TLS 1.2 or newer, CA and host name checks, then the SPKI pin check.
+
+The pin check runs inside ``do_handshake`` of an ``ssl.SSLSocket`` subclass.
+paho-mqtt wraps its socket with ``do_handshake_on_connect=False``, calls
+``do_handshake()`` and only then writes CONNECT, so a broker whose verified
+chain matches no pin is disconnected before it receives a single MQTT byte.
+"""
+
+import logging
+import os
+import ssl
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from cryptography.hazmat.primitives import serialization
+
+from edge_agent.config import BrokerConfig
+from edge_agent.identity import DeviceIdentity
+from edge_agent.pinning import PinMismatchError, PinSet
+
+logger = logging.getLogger(__name__)
+
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def verified_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
+    """Return the DER certificates of the chain that OpenSSL verified, leaf first.
+
+    Python 3.13 makes ``get_verified_chain`` public; 3.10 to 3.12 have it on
+    the private ``_sslobj``; 3.9 has only the leaf. A resumed session returns
+    an empty chain, so the caller falls back to the verified leaf and an empty
+    result can never pass the pin check.
+    """
+    getter = getattr(sock, "get_verified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(sock, "_sslobj", None), "get_verified_chain", None)
+
+    chain: List[bytes] = []
+    if getter is not None:
+        for item in getter() or []:
+            chain.append(item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER))
+    if not chain:
+        leaf = sock.getpeercert(binary_form=True)
+        if leaf:
+            chain = [leaf]
+    return chain
+
+
+class PinnedSSLSocket(ssl.SSLSocket):
+    """An ``SSLSocket`` that checks the context's pin-set right after the handshake."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        context = self.context
+        pin_set: Optional[PinSet] = getattr(context, "pin_set", None)
+        server = f"{getattr(context, 'peer_label', '')}" or str(self.server_hostname)
+        if pin_set is None:
+            self.close()
+            raise ssl.SSLError("no pin-set is attached to this TLS context; refusing the connection")
+
+        try:
+            matched = pin_set.check_chain(verified_chain_der(self), server)
+        except PinMismatchError as exc:
+            logger.error(
+                "pin mismatch from %s: expected one of [%s], broker presented [%s]; closed before any MQTT byte",
+                server, ", ".join(map(str, exc.expected)), ", ".join(map(str, exc.presented)),
+            )
+            context.pin_failures += 1
+            self.close()
+            raise
+        if matched is not None:
+            logger.debug("broker %s matched pin %s", server, matched)
+
+
+class PinnedContext(ssl.SSLContext):
+    """An ``SSLContext`` carrying the pin-set, an optional TLS server name and a failure count.
+
+    ``server_name`` replaces the host that paho passes as ``server_hostname``,
+    so a broker reached by IP address is still checked against the name in its
+    certificate.
+    """
+
+    pin_set: Optional[PinSet] = None
+    server_name: Optional[str] = None
+    peer_label: str = ""
+    pin_failures: int = 0
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True,
+                    suppress_ragged_eofs=True, server_hostname=None, session=None):
+        if self.server_name:
+            server_hostname = self.server_name
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=server_hostname,
+            session=session,
+        )
+
+
+def create_client_context(
+    broker: BrokerConfig,
+    identity: Optional[DeviceIdentity],
+    pin_set: Optional[PinSet] = None,
+    ca_file: Optional[Path] = None,
+) -> PinnedContext:
+    """Build the context for connections to the broker.
+
+    The order matters: the protocol floor and verification mode are set before
+    the CA is loaded, and the client certificate comes last.
+    """
+    context = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+    # TLS 1.2 is the floor; 1.0 and 1.1 lack modern AEAD suites.
+    context.minimum_version = _TLS_VERSIONS[broker.tls_min_version]
+    # PROTOCOL_TLS_CLIENT already sets these; stating them keeps a later edit from weakening them.
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    # Only the broker's own CA bundle: the system store would let any public CA vouch for the broker.
+    context.load_verify_locations(cafile=str(ca_file or broker.ca_file))
+    context.sslsocket_class = PinnedSSLSocket
+    context.pin_set = pin_set if pin_set is not None else broker.pin_set
+    context.server_name = broker.server_name
+    context.peer_label = f"{broker.host}:{broker.port}"
+    context.pin_failures = 0
+
+    if identity is not None:
+        load_client_certificate(context, identity)
+    return context
+
+
+def load_client_certificate(context: ssl.SSLContext, identity: DeviceIdentity) -> None:
+    """Present the device certificate and its chain as the TLS client certificate.
+
+    ``load_cert_chain`` reads PEM files only, so a DER certificate is handed
+    over as PEM through an anonymous in-memory file; the private key is never
+    copied to disk.
+    """
+    cert_pem = b"".join(
+        cert.public_bytes(serialization.Encoding.PEM) for cert in (identity.certificate, *identity.chain)
+    )
+    key_data = identity.key_path.read_bytes()
+    passphrase = identity.key_passphrase
+
+    if b"-----BEGIN" in key_data:
+        key_file = str(identity.key_path)
+        with _memory_file(cert_pem) as cert_file:
+            context.load_cert_chain(cert_file, key_file, password=passphrase)
+        return
+
+    private_key = serialization.load_der_private_key(key_data, password=passphrase)
+    key_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with _memory_file(cert_pem) as cert_file, _memory_file(key_pem) as key_file:
+        context.load_cert_chain(cert_file, key_file)
+
+
+class _memory_file:
+    """A path to bytes held in an anonymous memory file (``memfd``), falling back to a private temp file."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._fd: Optional[int] = None
+        self._temp = None
+
+    def __enter__(self) -> str:
+        if hasattr(os, "memfd_create"):
+            self._fd = os.memfd_create("edge-agent", getattr(os, "MFD_CLOEXEC", 0))
+            os.write(self._fd, self._data)
+            return f"/proc/self/fd/{self._fd}"
+        # NOTE: without memfd (non-Linux) the PEM goes to a 0600 temp file for the
+        # moment load_cert_chain reads it.
+        self._temp = tempfile.NamedTemporaryFile(prefix="edge-agent-", suffix=".pem")
+        self._temp.write(self._data)
+        self._temp.flush()
+        return self._temp.name
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._temp is not None:
+            self._temp.close()

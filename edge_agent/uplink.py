@@ -1,0 +1,298 @@
+"""The MQTT uplink: one pinned mutual-TLS session at a time, drained from the spool.
+
+Every connection attempt builds a fresh paho client, so nothing from a dead
+session lingers in memory: the spool is the only queue. A message leaves the
+spool only when its PUBACK arrives; after a disconnect every unacknowledged
+message is sent again, oldest first, which keeps order and gives
+at-least-once delivery.
+"""
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.config import BrokerConfig, ReconnectConfig
+from edge_agent.pinning import PinMismatchError
+from edge_agent.spool import Spool
+from edge_agent.telemetry import status_topic
+
+logger = logging.getLogger(__name__)
+
+# A session that lasted this long resets the backoff; a broker that accepts
+# and then drops the client at once keeps the delay growing.
+STABLE_SESSION_S = 30.0
+
+
+class _PahoNoiseFilter(logging.Filter):
+    """Demote paho's "Client is not connected" error, which its loop logs when a clean disconnect races it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_paho_logger = logging.getLogger(__name__ + ".paho")
+_paho_logger.addFilter(_PahoNoiseFilter())
+
+
+class Backoff:
+    """Exponential backoff with full jitter: a uniform delay under a cap that doubles per failure."""
+
+    def __init__(self, settings: ReconnectConfig, rng: Callable[[], float] = random.random) -> None:
+        self.settings = settings
+        self.failures = 0
+        self._rng = rng
+
+    def next_delay(self, slowdown: float = 1.0) -> float:
+        cap = min(self.settings.max_delay_s, self.settings.min_delay_s * (2 ** min(self.failures, 32)))
+        self.failures += 1
+        return max(self.settings.min_delay_s * 0.1, self._rng() * cap) * slowdown
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class UplinkCounters:
+    """Connection and delivery counters reported in telemetry."""
+
+    connects: int = 0
+    connect_failures: int = 0
+    pin_failures: int = 0
+    disconnects: int = 0
+    published: int = 0
+    acknowledged: int = 0
+    callback_errors: int = 0
+
+
+class Uplink:
+    """Connects to the broker and moves spooled messages to it under QoS 1."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        topic_prefix: str,
+        spool: Spool,
+        context_factory: Callable[[], ssl.SSLContext],
+        window: int = 20,
+        wake: Optional[threading.Event] = None,
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.status_topic = status_topic(topic_prefix, client_id)
+        self.spool = spool
+        self.context_factory = context_factory
+        self.window = window
+        self.wake = wake or threading.Event()
+        self.counters = UplinkCounters()
+        self.state = "disconnected"
+        self.last_error: Optional[str] = None
+        self.last_publish_ack: Optional[float] = None
+        self.connected_since: Optional[float] = None
+        self.last_session_s = 0.0
+
+        self._client: Optional[mqtt.Client] = None
+        self._acks: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self._connack = threading.Event()
+        self._connack_code: Optional[mqtt.ReasonCode] = None
+        self._lost = threading.Event()
+        self._inflight: Dict[int, int] = {}
+        self._last_sent_id = 0
+
+    # --- paho callbacks (network thread) ----------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._connack_code = reason_code
+            self._connack.set()
+            self.wake.set()
+        except Exception:  # a callback must never stop the network loop
+            self._callback_failed("on_connect")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self._lost.set()
+            self._connack.set()
+            self.wake.set()
+            logger.debug("paho reported disconnect from %s: %s", self._peer, reason_code)
+        except Exception:
+            self._callback_failed("on_disconnect")
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        try:
+            self._acks.put(mid)
+            self.wake.set()
+        except Exception:
+            self._callback_failed("on_publish")
+
+    def _callback_failed(self, name: str) -> None:
+        self.counters.callback_errors += 1
+        logger.exception("error in paho callback %s for client %s; the client keeps running", name, self.client_id)
+
+    @property
+    def _peer(self) -> str:
+        return f"{self.broker.host}:{self.broker.port}"
+
+    # --- connecting -------------------------------------------------------
+
+    def _new_client(self) -> mqtt.Client:
+        protocol = mqtt.MQTTv5 if self.broker.mqtt_version == "5" else mqtt.MQTTv311
+        options = {} if protocol == mqtt.MQTTv5 else {"clean_session": True}
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol, **options)
+        client.suppress_exceptions = True
+        client.enable_logger(_paho_logger)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.tls_set_context(self.context_factory())
+        client.connect_timeout = self.broker.handshake_timeout_s
+        client.max_inflight_messages_set(self.window)
+        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        return client
+
+    def connect(self) -> bool:
+        """Make one connection attempt; return True once the broker accepted CONNECT.
+
+        The TCP connect, TLS handshake and pin check run in this thread and are
+        bounded by ``handshake_timeout_s``; the CONNACK wait by ``connack_timeout_s``.
+        """
+        self.state = "connecting"
+        self._connack.clear()
+        self._lost.clear()
+        self._connack_code = None
+        client = self._new_client()
+        logger.info("connecting to %s as %s", self._peer, self.client_id)
+
+        try:
+            client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+        except PinMismatchError as exc:
+            self.counters.pin_failures += 1
+            return self._failed(client, f"pin mismatch: {exc}")
+        except ssl.SSLCertVerificationError as exc:
+            return self._failed(client, f"certificate verification failed: {exc.verify_message or exc}")
+        except ssl.SSLError as exc:
+            return self._failed(client, f"TLS handshake failed: {exc}")
+        except (TimeoutError, OSError) as exc:
+            return self._failed(client, f"connection failed: {exc or type(exc).__name__}")
+
+        client.loop_start()
+        if not self._connack.wait(self.broker.connack_timeout_s):
+            return self._failed(client, f"no CONNACK within {self.broker.connack_timeout_s:g} s")
+        code = self._connack_code
+        if code is None or self._lost.is_set():
+            return self._failed(client, "the broker closed the connection before CONNACK (client certificate or identity rejected?)")
+        if code.is_failure:
+            return self._failed(client, f"the broker refused CONNECT: {code}")
+
+        self._client = client
+        self.state = "connected"
+        self.connected_since = time.monotonic()
+        self.counters.connects += 1
+        self.last_error = None
+        self._inflight.clear()
+        self._last_sent_id = 0
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        logger.info("connected to %s as %s", self._peer, self.client_id)
+        return True
+
+    def _failed(self, client: mqtt.Client, reason: str) -> bool:
+        self.counters.connect_failures += 1
+        self.last_error = reason
+        self.state = "disconnected"
+        logger.warning("connection to %s failed: %s", self._peer, reason)
+        self._discard(client)
+        return False
+
+    @staticmethod
+    def _discard(client: mqtt.Client) -> None:
+        try:
+            client.disconnect()
+        except (OSError, ValueError):
+            pass
+        client.loop_stop()
+
+    # --- running ----------------------------------------------------------
+
+    def pump(self) -> None:
+        """Handle acknowledgements, notice a lost session and keep the in-flight window full."""
+        self._collect_acks()
+        if self.state != "connected":
+            return
+        if self._lost.is_set():
+            self._handle_loss()
+            return
+        self._fill_window()
+
+    def _collect_acks(self) -> None:
+        acked = []
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            row_id = self._inflight.pop(mid, None)
+            if row_id is not None:
+                acked.append(row_id)
+        if acked:
+            self.spool.ack(acked)
+            self.counters.acknowledged += len(acked)
+            self.last_publish_ack = time.time()
+
+    def _fill_window(self) -> None:
+        free = self.window - len(self._inflight)
+        if free <= 0:
+            return
+        for message in self.spool.peek(free, after_id=self._last_sent_id):
+            info = self._client.publish(message.topic, message.payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                logger.debug("publish of spool message %d deferred: %s", message.id, mqtt.error_string(info.rc))
+                break
+            self._inflight[info.mid] = message.id
+            self._last_sent_id = message.id
+            self.counters.published += 1
+
+    def _handle_loss(self) -> None:
+        uptime = time.monotonic() - (self.connected_since or time.monotonic())
+        logger.warning(
+            "lost the connection to %s after %.1f s; %d messages in flight stay in the spool",
+            self._peer, uptime, len(self._inflight),
+        )
+        self.counters.disconnects += 1
+        self.last_session_s = uptime
+        self._teardown()
+
+    def _teardown(self) -> None:
+        client, self._client = self._client, None
+        self.state = "disconnected"
+        self._inflight.clear()
+        self._last_sent_id = 0
+        if client is not None:
+            self._discard(client)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Publish ``offline``, wait briefly for in-flight acknowledgements and disconnect."""
+        if self._client is None:
+            return
+        client = self._client
+        if self.state == "connected" and not self._lost.is_set():
+            deadline = time.monotonic() + timeout_s
+            info = client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            while time.monotonic() < deadline and (self._inflight or not info.is_published()):
+                if self._lost.is_set():
+                    break
+                self.wake.wait(0.05)
+                self.wake.clear()
+                self._collect_acks()
+        self._teardown()
+        logger.info("disconnected from %s", self._peer)

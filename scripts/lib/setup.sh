@@ -1,0 +1,51 @@
+# Shared set-up for scripts/demo and scripts/test; source it, do not run it.
+# Installs what a fresh Debian machine lacks (Mosquitto, OpenSSL, curl, the
+# Python venv module), then creates .venv and installs edge-agent into it.
+
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${EDGE_AGENT_VENV:-$REPO_ROOT/.venv}"
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "error: '$*' needs root and sudo is not installed; run it as root" >&2
+        return 1
+    fi
+}
+
+install_debian_packages() {
+    local wanted=()
+    [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || wanted+=(mosquitto)
+    command -v openssl >/dev/null 2>&1 || wanted+=(openssl)
+    command -v curl >/dev/null 2>&1 || wanted+=(curl)
+    command -v python3 >/dev/null 2>&1 || wanted+=(python3)
+    if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        wanted+=(python3-venv)
+    fi
+    if [ "${#wanted[@]}" -eq 0 ]; then
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: missing ${wanted[*]} and apt-get is not available; install them with your package manager" >&2
+        return 1
+    fi
+    echo "installing Debian packages: ${wanted[*]}" >&2
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
+    # The Debian package may start a system broker on port 1883; the demo and
+    # the tests use their own instances on free loopback ports.
+}
+
+create_venv() {
+    local extras="$1"
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$REPO_ROOT$extras"
+}
