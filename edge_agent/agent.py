@@ -5,12 +5,11 @@ and connection events back through thread-safe queues and events.
 """
 
 import logging
-import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig

@@ -2,9 +2,9 @@
 
 Every connection attempt builds a fresh paho client, so nothing from a dead
 session lingers in memory: the spool is the only queue. A message leaves the
-spool only when its PUBACK arrives; after a disconnect every unacknowledged
-message is sent again, oldest first, which keeps order and gives
-at-least-once delivery.
+spool only when its PUBACK arrives. After a disconnect every unacknowledged
+message is sent again, oldest first, so order is kept and delivery is at
+least once.
 """
 
 import logging
