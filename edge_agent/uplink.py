@@ -280,6 +280,15 @@ class Uplink:
         if client is not None:
             self._discard(client)
 
+    def reconfigure(self, broker: BrokerConfig, client_id: str, topic_prefix: str) -> None:
+        """Take new broker settings; a live session is closed so the next handshake checks them."""
+        self.broker = broker
+        self.client_id = client_id
+        self.status_topic = status_topic(topic_prefix, client_id)
+        if self._client is not None:
+            logger.info("closing the session to %s to apply the new configuration", self._peer)
+            self._teardown()
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Publish ``offline``, wait briefly for in-flight acknowledgements and disconnect."""
         if self._client is None:
