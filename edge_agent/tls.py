@@ -51,7 +51,12 @@ class PinnedSSLSocket(ssl.SSLSocket):
     """An ``SSLSocket`` that checks the context's pin-set right after the handshake."""
 
     def do_handshake(self, block: bool = False) -> None:
-        super().do_handshake(block)
+        try:
+            super().do_handshake(block)
+        except (OSError, ValueError):
+            # paho drops the socket without closing it when the handshake fails or times out.
+            self.close()
+            raise
         context = self.context
         pin_set: Optional[PinSet] = getattr(context, "pin_set", None)
         server = f"{getattr(context, 'peer_label', '')}" or str(self.server_hostname)

@@ -7,7 +7,7 @@ message is sent again, oldest first, so order is kept and delivery is at
 least once.
 
 Threads: paho's network thread only records events (CONNACK, disconnect,
-PUBACK) and wakes the main loop; every spool access and every decision runs
+PUBACK) and wakes the main loop. Every spool access and every decision runs
 in the thread that calls ``connect``, ``pump`` and ``close``. Each event
 carries the number of the session it belongs to, so a late PUBACK of an
 old session can never delete a message sent under the same packet id in a

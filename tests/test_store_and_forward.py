@@ -331,10 +331,10 @@ def test_full_disk_survived(durable_broker, cloud, write_config, agents, tmp_pat
 
 
 def test_duplicate_client_id_backs_off(durable_broker, write_config, agents, pki):
-    # Two agents with the same IDevID, so the same client id: each connect makes
-    # the broker drop the other. Each agent's delay cap doubles from 0.2 s to 4 s,
-    # so 12 s allow about ten attempts per agent; retrying at min_delay_s without
-    # backoff would make about sixty.
+    # Two agents with the same IDevID have the same client id, so each connect
+    # makes the broker drop the other. Each agent's delay cap doubles from 0.2 s
+    # to 4 s, which allows about ten attempts per agent in 12 s. Retrying at
+    # min_delay_s without backoff would make about sixty.
     reconnect = {"min_delay_s": 0.2, "max_delay_s": 4.0}
     first = write_config(durable_broker.port, name="a.toml", reconnect=reconnect, spool={"path": "a.db"})
     second = write_config(durable_broker.port, name="b.toml", reconnect=reconnect, spool={"path": "b.db"})
