@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from edge_agent import __version__
+from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.entropy import EntropyGate
 from edge_agent.errors import EdgeAgentError, SpoolError
-from edge_agent.backoff import Backoff
 from edge_agent.identity import DeviceIdentity, load_identity
 from edge_agent.sdnotify import Notifier
 from edge_agent.spool import Spool, milliseconds_since_boot

@@ -211,6 +211,9 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # An empty file is what a crash right after creating it leaves behind.
         fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if fresh:
+            # Private to the agent's user whatever the umask; SQLite gives the WAL and shm files the same mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0)
         try:
             self._configure(db)
@@ -361,6 +364,8 @@ class Spool:
 
     def _append(self, topic: str, build: Callable[[int], bytes], sequence_key: Optional[str]) -> Optional[int]:
         with self._lock:
+            if self._closed:
+                raise SpoolError(f"{self.path}: the spool is closed")
             if not self._reopen():
                 self._unstored_total += 1
                 raise SpoolError(f"message not stored because the spool is unavailable: {self.last_error}")

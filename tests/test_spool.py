@@ -1,6 +1,9 @@
 """The durable spool: order, bounds, persistence and recovery."""
 
+import signal
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -115,6 +118,44 @@ def test_corrupt_file_is_moved_aside(tmp_path, caplog):
     aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1
     assert "is corrupt" in caplog.text
+
+
+def test_append_durable_on_return(tmp_path):
+    path = tmp_path / "spool.db"
+    # The process kills itself the moment append returns.
+    script = (
+        "import os, signal, sys\n"
+        "from edge_agent.spool import Spool\n"
+        "Spool(sys.argv[1]).append('t', b'accepted')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True)
+
+    assert result.returncode == -signal.SIGKILL
+    spool = Spool(path)
+    try:
+        assert [m.payload for m in spool.peek(10)] == [b"accepted"]
+    finally:
+        spool.close()
+
+
+def test_new_file_is_private(tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    try:
+        spool.append("t", b"x")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    finally:
+        spool.close()
+
+    assert modes == {"spool.db": 0o600, "spool.db-wal": 0o600, "spool.db-shm": 0o600}
+
+
+def test_closed_spool_rejects_append(tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    spool.close()
+
+    with pytest.raises(SpoolError, match="the spool is closed"):
+        spool.append("t", b"late")
 
 
 def test_unopenable_path_counts_unstored(tmp_path, caplog):
