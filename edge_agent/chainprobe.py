@@ -21,7 +21,8 @@ from cryptography import x509
 from edge_agent.config import BrokerConfig
 from edge_agent.entropy import EntropyGate
 from edge_agent.errors import EdgeAgentError
-from edge_agent.identity import DeviceIdentity, has_no_expiration
+from edge_agent.identity import DeviceIdentity
+from edge_agent.identity_checks import has_no_expiration
 from edge_agent.pinfiles import name_text
 from edge_agent.pinning import Pin, PinSet, PinSetStatus, pin_from_certificate_der
 from edge_agent.tls import create_client_context, presented_chain_der, verified_chain_der

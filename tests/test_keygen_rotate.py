@@ -141,7 +141,7 @@ def test_keygen_empty_passphrase(tmp_path, capsys):
     code, _, err = run(capsys, "keygen", "--passphrase-file", str(passphrase), str(tmp_path / "spare.key"))
 
     assert code == 1
-    assert "passphrase file is empty" in err
+    assert "passphrase is empty" in err
     assert not (tmp_path / "spare.key").exists()
 
 

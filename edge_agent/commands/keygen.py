@@ -23,7 +23,7 @@ def keygen(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from edge_agent.errors import EdgeAgentError
-    from edge_agent.identity import read_passphrase
+    from edge_agent.certfiles import read_passphrase
     from edge_agent.keys import build_csr, new_key, parse_subject, write_private_key
     from edge_agent.pinfiles import describe_key_type
     from edge_agent.pinning import pin_from_public_key
@@ -41,9 +41,8 @@ def keygen(args: argparse.Namespace) -> int:
 
     for path, description in ((args.key_file, "key file"), (args.csr, "CSR file")):
         _check_new_file(path, description)
+    # read_passphrase rejects an empty passphrase, which would leave the key unencrypted.
     passphrase = read_passphrase(args.passphrase_file)
-    if passphrase is not None and not passphrase:
-        raise EdgeAgentError(f"{args.passphrase_file}: the passphrase file is empty; write the passphrase into it")
 
     key = new_key(args.type)
     try:
