@@ -26,7 +26,7 @@ from edge_agent.identity_checks import has_no_expiration
 from edge_agent.pinfiles import name_text
 from edge_agent.pinning import Pin, PinSet, PinSetStatus, pin_from_certificate_der
 from edge_agent.tls import create_client_context, presented_chain_der, verified_chain_der
-from edge_agent.tlserrors import classify_tls_error, describe_tls_error
+from edge_agent.tlserrors import CERTIFICATE_CLASSES, classify_tls_error, describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,16 @@ class ProbeResult:
         return self.matched_pin is not None or not self.pins_enforced
 
     @property
+    def chain_rejected(self) -> bool:
+        """True when the handshake reached the broker's chain and verification rejected it."""
+        return self.failure_class in CERTIFICATE_CLASSES
+
+    @property
     def verdict(self) -> str:
-        if not self.verified:
+        if self.chain_rejected:
             return f"REJECTED: the chain did not verify ({self.failure})"
+        if not self.verified:
+            return f"REJECTED: the TLS handshake failed ({self.failure})"
         if self.pin_set is None:
             return "chain verified; no pin-set given (pass --config to check the configured pins)"
         matched = self.matched_pin

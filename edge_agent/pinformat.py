@@ -89,8 +89,10 @@ def _probe_lines(result: ProbeResult, fmt: str) -> List[str]:
     ]
     if result.verified:
         lines.append(f"chain verified against {result.ca_file}")
-    else:
+    elif result.chain_rejected:
         lines.append(f"chain NOT verified against {result.ca_file}: {result.failure}")
+    else:
+        lines.append(f"TLS handshake failed: {result.failure}")
     if result.pin_set is not None:
         lines.append(_pin_set_line(result))
     lines.extend(f"note: {note}" for note in result.notes)

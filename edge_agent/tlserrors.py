@@ -29,6 +29,9 @@ DNS = "dns"
 NETWORK = "network"
 UNKNOWN = "unknown"
 
+# The classes in which the broker's chain was received and rejected by verification.
+CERTIFICATE_CLASSES = frozenset({UNTRUSTED_CHAIN, HOSTNAME_MISMATCH, EXPIRED, NOT_YET_VALID, CERTIFICATE_INVALID})
+
 # What each class means and what to check first, for logs and reports.
 TLS_FAILURE_HINTS: Dict[str, str] = {
     PIN_MISMATCH: "the verified chain matches no configured pin; compare broker.pins with 'edge-agent pin --connect'",

@@ -180,8 +180,8 @@ def test_connect_classifies_reset(write_config, capsys):
         server.close()
 
     assert code == 1
-    assert "chain NOT verified" in out
-    assert "reset:" in out
+    assert "TLS handshake failed: reset:" in out
+    assert "result: REJECTED: the TLS handshake failed" in out
 
 
 def test_entropy_gate_blocks_handshake(broker, write_config, tmp_path, capsys):

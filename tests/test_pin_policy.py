@@ -244,6 +244,7 @@ def test_every_class_has_hint():
     from edge_agent import tlserrors
 
     classes = {value for name, value in vars(tlserrors).items() if name.isupper() and isinstance(value, str)}
+    assert tlserrors.CERTIFICATE_CLASSES <= classes
 
     assert classes == set(TLS_FAILURE_HINTS)
 
