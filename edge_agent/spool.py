@@ -234,6 +234,9 @@ class Spool:
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode is {mode})")
         # FULL: a committed append survives power loss, not only a process crash.
         db.execute("PRAGMA synchronous=FULL")
+        # The spool is read at its head and written at its tail, so a small page cache suffices
+        # (SQLite's default is 2 MiB per connection, a lot on a gateway).
+        db.execute("PRAGMA cache_size=-256")
         db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         check = db.execute("PRAGMA quick_check").fetchone()
