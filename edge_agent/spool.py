@@ -414,11 +414,18 @@ class Spool:
         self._dropped_total = counters[0]
         if sequence_key == self.sequence_key:
             self._last_sequence = sequence
+        # The text stays the same from drop to drop, so the log's repeat filter collapses a long overflow.
         if room is None:
-            logger.warning("spool full (%d messages, %d bytes): new message dropped", self._depth, self._bytes)
+            logger.warning(
+                "spool %s is full (max %d messages, %d bytes): new messages are dropped and counted in dropped_total",
+                self.path, self.max_messages, self.max_bytes,
+            )
             return None
         if room[0]:
-            logger.warning("spool full: dropped the %d oldest messages (%d bytes) to make room", room[0], room[1])
+            logger.warning(
+                "spool %s is full (max %d messages, %d bytes): the oldest messages are dropped and counted in dropped_total",
+                self.path, self.max_messages, self.max_bytes,
+            )
         self._depth += 1 - room[0]
         self._bytes += len(payload) - room[1]
         self._max_id = max(self._max_id, row_id)
