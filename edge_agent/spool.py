@@ -405,7 +405,8 @@ class Spool:
                 self._set_meta(db, "dropped_total", counters[0])
                 self._set_meta(db, "unstored_total", counters[1])
             db.execute("COMMIT")
-        except sqlite3.Error:
+        except BaseException:
+            # Also when ``build`` raises: an open transaction would block every later append.
             self._rollback(db)
             raise
 

@@ -150,6 +150,17 @@ def test_new_file_is_private(tmp_path):
     assert modes == {"spool.db": 0o600, "spool.db-wal": 0o600, "spool.db-shm": 0o600}
 
 
+def test_failing_build_rolls_back(spool):
+    def build(sequence: int) -> bytes:
+        raise ValueError("reading failed")
+
+    with pytest.raises(ValueError):
+        spool.append_sequenced("t", build)
+    spool.append_sequenced("t", lambda sequence: str(sequence).encode())
+
+    assert [m.payload for m in spool.peek(10)] == [b"1"]
+
+
 def test_closed_spool_rejects_append(tmp_path):
     spool = Spool(tmp_path / "spool.db")
     spool.close()
