@@ -1,4 +1,4 @@
-"""Temperature sources, sanitising and the thermal governor.
+"""Temperature sources, sanitising, the thermal governor and the verification schedule it sets.
 
 Sensors are the one thing this machine cannot provide: sysfs is a fake tree
 under ``thermal.sysfs_root`` and psutil's ``sensors_temperatures`` is mocked.
@@ -22,6 +22,7 @@ from edge_agent.thermal import (
     millidegrees_to_celsius,
     sanitise_celsius,
 )
+from edge_agent.verify import VerificationSchedule
 
 # psutil's own record type is private; this one has the same fields.
 shwtemp = collections.namedtuple("shwtemp", "label current high critical")
@@ -350,6 +351,87 @@ def test_reconnect_pacing_per_state(sysfs, no_psutil_sensors):
 
     assert paced == {"normal": 1.0, "warm": 5.0, "hot": 30.0, "critical": 120.0}
     assert governor.pace_reconnect(300.0) == 300.0
+
+
+# --- the verification interval over time -------------------------------------------
+
+
+def simulate(governor: ThermalGovernor, path: Path, phases, tick_s: float = 10.0):
+    """Advance a test clock through (seconds, Celsius) phases; return (time, state) of each verification run."""
+    schedule = VerificationSchedule(governor, start=0.0, first_run_delay_s=0.0)
+    runs = []
+    now = 0.0
+    for duration_s, celsius in phases:
+        end = now + duration_s
+        while now < end:
+            set_temperature(path, celsius)
+            governor.update()
+            if schedule.due(now):
+                runs.append((now, governor.state))
+                schedule.completed(now)
+            now += tick_s
+    return runs
+
+
+def gaps_by_state(runs):
+    """Map each state to the gaps between runs made in that state, skipping the first run after a change."""
+    gaps = collections.defaultdict(set)
+    for (before, state_before), (after, state_after) in zip(runs, runs[1:]):
+        if state_before == state_after:
+            gaps[state_after].add(after - before)
+    return gaps
+
+
+def test_interval_stretches_and_returns(sysfs, no_psutil_sensors):
+    path = sysfs.zone(0, "cpu-thermal", "50000")
+    settings = settings_for(sysfs, verify_interval_s=60.0, warm_slowdown=2.0, hot_slowdown=6.0, critical_slowdown=24.0)
+    governor = ThermalGovernor(settings, clock=lambda: 0.0)
+    phases = [(600, 50.0), (1200, 75.0), (2400, 85.0), (6000, 95.0), (1200, 85.0), (1200, 60.0)]
+
+    runs = simulate(governor, path, phases)
+    gaps = gaps_by_state(runs)
+    states = [state for _, state in runs]
+
+    assert gaps["normal"] == {60.0}
+    assert gaps["warm"] == {120.0}
+    assert gaps["hot"] == {360.0}
+    assert gaps["critical"] == {1440.0}
+    assert states[-1] == "normal"
+    assert runs[-1][0] - runs[-2][0] == 60.0
+
+
+def test_cooling_runs_overdue_verification(sysfs, no_psutil_sensors):
+    path = sysfs.zone(0, "cpu-thermal", "95000")
+    governor = ThermalGovernor(settings_for(sysfs, verify_interval_s=60.0, critical_slowdown=24.0))
+    schedule = VerificationSchedule(governor, start=0.0, first_run_delay_s=0.0)
+    governor.update()
+    schedule.completed(0.0)
+    assert schedule.next_due() == 1440.0
+
+    set_temperature(path, 50.0)
+    for _ in range(2):
+        governor.update()
+
+    assert governor.state == "normal"
+    assert schedule.next_due() == 60.0
+    assert schedule.due(300.0)
+
+
+def test_interval_steady_at_threshold(sysfs, no_psutil_sensors):
+    path = sysfs.zone(0, "cpu-thermal", "69000")
+    governor = ThermalGovernor(settings_for(sysfs, verify_interval_s=60.0, warm_c=70.0, hysteresis_c=3.0))
+    schedule = VerificationSchedule(governor, start=0.0, first_run_delay_s=0.0)
+    intervals = []
+
+    for index in range(300):
+        set_temperature(path, 71.0 if index % 2 else 69.0)
+        governor.update()
+        intervals.append(governor.verify_interval_s)
+        if schedule.due(index * 10.0):
+            schedule.completed(index * 10.0)
+
+    changes = sum(1 for before, after in zip(intervals, intervals[1:]) if before != after)
+    assert changes <= 1
 
 
 # --- configuration ---------------------------------------------------------------
