@@ -105,7 +105,7 @@ def read_entropy_status(settings: EntropyConfig, probe: Probe = crng_ready) -> E
     elif mode == "measured":
         ready = avail >= minimum
         relation = "at or above" if ready else "below"
-        detail = f"entropy_avail {avail} of {poolsize} bits is {relation} entropy.min_entropy_bits {minimum}"
+        detail = f"entropy_avail {avail} bits (pool {poolsize}) is {relation} entropy.min_entropy_bits {minimum}"
     elif mode == "fixed":
         ready, detail = _fixed_pool_readiness(crng, avail)
     elif crng is None:

@@ -23,12 +23,24 @@ from edge_agent.config import BrokerConfig, ReconnectConfig
 from edge_agent.pinning import PinMismatchError
 from edge_agent.spool import Spool
 from edge_agent.telemetry import status_topic
+from edge_agent.tlserrors import describe_tls_error
 
 logger = logging.getLogger(__name__)
 
 # A session that lasted this long resets the backoff; a broker that accepts
 # and then drops the client at once keeps the delay growing.
 STABLE_SESSION_S = 30.0
+
+# paho keeps at most ``window`` messages unacknowledged on the wire; this many
+# windows' worth are handed to it at once, so its network thread can send the
+# next message the moment an acknowledgement frees a slot. They stay in the
+# spool until acknowledged.
+HANDOFF_WINDOWS = 10
+
+# Acknowledged messages are deleted in batches: a delete lost in a crash only
+# means the message is sent once more.
+ACK_BATCH = 256
+ACK_FLUSH_S = 0.2
 
 
 class _PahoNoiseFilter(logging.Filter):
@@ -94,6 +106,7 @@ class Uplink:
         self.spool = spool
         self.context_factory = context_factory
         self.window = window
+        self.handoff = window * HANDOFF_WINDOWS
         self.wake = wake or threading.Event()
         self.counters = UplinkCounters()
         self.state = "disconnected"
@@ -109,6 +122,9 @@ class Uplink:
         self._lost = threading.Event()
         self._inflight: Dict[int, int] = {}
         self._last_sent_id = 0
+        self._acked_ids: "list[int]" = []
+        self._unseen_acks = 0
+        self._last_flush = time.monotonic()
 
     # --- paho callbacks (network thread) ----------------------------------
 
@@ -132,7 +148,12 @@ class Uplink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
             self._acks.put(mid)
-            self.wake.set()
+            self._unseen_acks += 1
+            # Waking the main loop per acknowledgement would fight paho's thread for the GIL;
+            # wake it when a quarter of the hand-off is free or everything in flight is acknowledged.
+            if self._unseen_acks >= max(1, self.handoff // 4) or self._unseen_acks >= len(self._inflight):
+                self._unseen_acks = 0
+                self.wake.set()
         except Exception:
             self._callback_failed("on_publish")
 
@@ -176,15 +197,11 @@ class Uplink:
 
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
-        except PinMismatchError as exc:
-            self.counters.pin_failures += 1
-            return self._failed(client, f"pin mismatch: {exc}")
-        except ssl.SSLCertVerificationError as exc:
-            return self._failed(client, f"certificate verification failed: {exc.verify_message or exc}")
-        except ssl.SSLError as exc:
-            return self._failed(client, f"TLS handshake failed: {exc}")
-        except (TimeoutError, OSError) as exc:
-            return self._failed(client, f"connection failed: {exc or type(exc).__name__}")
+        except OSError as exc:
+            # ssl.SSLError and the pin check's PinMismatchError are OSErrors too.
+            if isinstance(exc, PinMismatchError):
+                self.counters.pin_failures += 1
+            return self._failed(client, describe_tls_error(exc))
 
         client.loop_start()
         if not self._connack.wait(self.broker.connack_timeout_s):
@@ -235,7 +252,7 @@ class Uplink:
         self._fill_window()
 
     def _collect_acks(self) -> None:
-        acked = []
+        collected = 0
         while True:
             try:
                 mid = self._acks.get_nowait()
@@ -243,15 +260,27 @@ class Uplink:
                 break
             row_id = self._inflight.pop(mid, None)
             if row_id is not None:
-                acked.append(row_id)
-        if acked:
-            self.spool.ack(acked)
-            self.counters.acknowledged += len(acked)
+                self._acked_ids.append(row_id)
+                collected += 1
+        if collected:
+            self.counters.acknowledged += collected
             self.last_publish_ack = time.time()
 
+        due = time.monotonic() - self._last_flush >= ACK_FLUSH_S
+        if len(self._acked_ids) >= ACK_BATCH or (self._acked_ids and (due or not self._inflight)):
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Delete the acknowledged messages from the spool."""
+        acked, self._acked_ids = self._acked_ids, []
+        self._last_flush = time.monotonic()
+        if acked:
+            self.spool.ack(acked)
+
     def _fill_window(self) -> None:
-        free = self.window - len(self._inflight)
-        if free <= 0:
+        free = self.handoff - len(self._inflight)
+        # Refill only once half the hand-off is free: one spool query per batch, not per acknowledgement.
+        if free < max(1, self.handoff // 2):
             return
         for message in self.spool.peek(free, after_id=self._last_sent_id):
             info = self._client.publish(message.topic, message.payload, qos=1)
@@ -273,6 +302,7 @@ class Uplink:
         self._teardown()
 
     def _teardown(self) -> None:
+        self.flush_acks()
         client, self._client = self._client, None
         self.state = "disconnected"
         self._inflight.clear()

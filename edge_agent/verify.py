@@ -1,8 +1,8 @@
 """The periodic verification: re-check the device identity and the broker, and report expiry.
 
-The identity check re-reads the IDevID, its key and the trust anchors and
-walks the chain again, then reports how soon any certificate on that path
-expires. The broker check makes a fresh TLS handshake with the agent's own
+The identity check re-runs the identity validation (certificate, key,
+chain to a trust anchor, validity at the current time) on the credential the
+agent presents, then reports how soon any certificate on that path expires. The broker check makes a fresh TLS handshake with the agent's own
 client context, so the chain, host name and SPKI pin are verified by the
 same ``PinnedSSLSocket`` code as for a new MQTT connection. It passes the
 entropy gate first and closes the socket right after the handshake, so the
@@ -15,7 +15,6 @@ gateway heats up and returns to normal as it cools.
 import datetime
 import logging
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -25,10 +24,12 @@ from cryptography import x509
 from edge_agent.config import AgentConfig, BrokerConfig, IdentityConfig
 from edge_agent.entropy import EntropyGate
 from edge_agent.errors import EdgeAgentError
-from edge_agent.identity import build_chain, has_no_expiration, load_certificates, load_identity
+from edge_agent.identity import WARNING, has_no_expiration, validate_identity
+from edge_agent.identity_report import IdentityReport
 from edge_agent.pinning import PinMismatchError, pin_from_certificate_der
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import PinnedContext, verified_chain_der
+from edge_agent.tlserrors import classify_tls_error, describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +68,6 @@ def earliest_expiry(certificates: Sequence[x509.Certificate]) -> ChainExpiry:
     return ChainExpiry(first.not_valid_after_utc, first.subject.rfc4514_string())
 
 
-def validity_problem(certificates: Sequence[x509.Certificate], now: datetime.datetime) -> Optional[str]:
-    """Describe the first certificate that is not valid at ``now``, or return None."""
-    for certificate in certificates:
-        subject = certificate.subject.rfc4514_string()
-        if now < certificate.not_valid_before_utc:
-            return (
-                f"certificate {subject} is not valid before {_utc_text(certificate.not_valid_before_utc)}; "
-                "the system clock may be wrong"
-            )
-        if now > certificate.not_valid_after_utc and not has_no_expiration(certificate):
-            return f"certificate {subject} expired on {_utc_text(certificate.not_valid_after_utc)}"
-    return None
-
-
 @dataclass(frozen=True)
 class Finding:
     """The result of one check: whether it passed, a one-line detail and the chain's earliest expiry."""
@@ -91,6 +78,7 @@ class Finding:
     checked: bool = True
     pin_matched: Optional[bool] = None
     pin: Optional[str] = None
+    failure_class: Optional[str] = None
 
     def to_dict(self, now: datetime.datetime) -> dict:
         days = self.expiry.days_left(now)
@@ -105,44 +93,49 @@ class Finding:
         if self.pin_matched is not None or self.pin is not None:
             document["pin_matched"] = self.pin_matched
             document["pin"] = self.pin
+        if self.failure_class is not None:
+            document["failure_class"] = self.failure_class
         return document
 
 
 # --- the device identity ---------------------------------------------------
 
 
-def identity_path(settings: IdentityConfig, device_id: Optional[str]) -> "list[x509.Certificate]":
-    """Re-load the device identity and return its path to the trust anchor, leaf first.
+def identity_report(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> IdentityReport:
+    """Validate the configured credentials at ``now``.
 
     This is the only call into the identity module, so a change of its
-    interface touches this function alone. ``load_identity`` raises
-    ``IdentityError`` for a file, key or chain problem.
+    interface touches this function alone. ``validate_identity`` reports
+    bad certificates and keys as check results instead of raising.
     """
-    identity = load_identity(settings, device_id)
-    anchors = [cert for path in settings.trust_anchors for cert in load_certificates(path, "trust anchor file")]
-    return build_chain(identity.certificate, identity.chain, anchors)
+    return validate_identity(settings, now, device_id)
 
 
 def check_identity(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> Finding:
     try:
-        path = identity_path(settings, device_id)
-    except EdgeAgentError as exc:
-        return Finding(False, f"device identity invalid: {exc}")
-    except (OSError, ValueError) as exc:
-        # The files changed under the running agent in a way the loader does not name.
+        report = identity_report(settings, device_id, now)
+    except (EdgeAgentError, OSError, ValueError) as exc:
+        # The files changed under the running agent in a way the validation does not report.
         return Finding(False, f"device identity could not be re-read: {exc}")
 
+    chosen = report.selected
+    if chosen is None or chosen.certificate is None:
+        reasons = "; ".join(f"{c.credential} {c.id}: {c.message}" for c in report.errors) or report.selection.message
+        return Finding(False, f"device identity unusable: {reasons}")
+
+    path = chosen.path or (chosen.certificate, *chosen.intermediates)
     expiry = earliest_expiry(path)
-    problem = validity_problem(path, now)
-    if problem is not None:
-        return Finding(False, f"device identity invalid: {problem}", expiry)
-    return Finding(True, f"device identity valid, {len(path)} certificates up to the trust anchor", expiry)
+    warnings = [f"{c.id}: {c.message}" for c in chosen.checks if c.status == WARNING]
+    detail = f"{chosen.role} valid, {len(path)} certificates up to the trust anchor"
+    if warnings:
+        detail += "; " + "; ".join(warnings)
+    return Finding(True, detail, expiry)
 
 
 # --- the broker --------------------------------------------------------------
 
 
-def probe_broker(broker: BrokerConfig, context: PinnedContext, now: datetime.datetime) -> Finding:
+def check_broker(broker: BrokerConfig, context: PinnedContext) -> Finding:
     """Make one TLS handshake with the broker as a new connection would, then close without MQTT.
 
     ``context`` is the agent's client context from ``create_client_context``:
@@ -158,14 +151,10 @@ def probe_broker(broker: BrokerConfig, context: PinnedContext, now: datetime.dat
                 chain_der = verified_chain_der(tls)
                 version = tls.version()
     except PinMismatchError as exc:
-        presented = ", ".join(str(p) for p in exc.presented) or "none"
-        return Finding(False, f"broker {peer} presented no configured pin (presented {presented})", pin_matched=False)
-    except ssl.SSLCertVerificationError as exc:
-        return Finding(False, f"broker {peer} certificate verification failed: {exc.verify_message or exc}")
-    except ssl.SSLError as exc:
-        return Finding(False, f"TLS handshake with broker {peer} failed: {exc}")
+        return Finding(False, f"broker {peer}: {describe_tls_error(exc)}", pin_matched=False, failure_class=classify_tls_error(exc))
     except OSError as exc:
-        return Finding(False, f"connection to broker {peer} failed: {exc or type(exc).__name__}")
+        # ssl.SSLError and its verification errors are OSErrors too.
+        return Finding(False, f"broker {peer}: {describe_tls_error(exc)}", failure_class=classify_tls_error(exc))
     except ValueError as exc:
         # The pin check parses each certificate with cryptography, which rejects some encodings OpenSSL accepts.
         return Finding(False, f"broker {peer} chain could not be parsed for the pin check: {exc}")
@@ -204,10 +193,16 @@ class VerificationReport:
 
     @property
     def result(self) -> str:
-        """``failed`` when a check failed or did not run, ``expiring`` within the warning window, else ``ok``."""
+        """Return ``failed`` (a check failed or did not run), ``expired``, ``expiring`` (within the warning window) or ``ok``.
+
+        An expired certificate is ``expired`` rather than ``failed`` when the
+        identity policy still accepts it (``identity.strict_time`` false).
+        """
         if not (self.identity.valid and self.broker.valid and self.broker.checked):
             return "failed"
         days = self.days_until_expiry
+        if days is not None and days < 0:
+            return "expired"
         if days is not None and days < EXPIRY_WARN_DAYS:
             return "expiring"
         return "ok"
@@ -300,7 +295,7 @@ class Verifier:
         wall_now = self._wall_clock()
         identity = check_identity(config.identity, config.device_id, wall_now)
         if admission.ready:
-            broker = probe_broker(config.broker, context, wall_now)
+            broker = check_broker(config.broker, context)
         else:
             broker = Finding(False, f"broker {peer} not checked: {admission.status.detail}", checked=False)
 
@@ -318,7 +313,7 @@ class Verifier:
         if report.result == "ok":
             logger.info("verification ok: %s; %s; next in %.0f s", report.broker.detail, expiry, interval)
             return
-        level = logging.WARNING if report.result == "expiring" else logging.ERROR
+        level = logging.ERROR if report.result == "failed" else logging.WARNING
         logger.log(
             level, "verification %s: %s; %s; %s; next in %.0f s",
             report.result, report.identity.detail, report.broker.detail, expiry, interval,

@@ -83,7 +83,7 @@ def test_old_kernel_threshold_applies(proc):
 
     assert status.ready is False
     assert status.entropy_avail_mode == "measured"
-    assert "entropy_avail 180 of 4096 bits is below entropy.min_entropy_bits 256" in status.detail
+    assert "entropy_avail 180 bits (pool 4096) is below entropy.min_entropy_bits 256" in status.detail
 
 
 def test_old_kernel_enough_entropy(proc):

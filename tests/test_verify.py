@@ -5,6 +5,7 @@ everything else (identity files, TLS, the pin check, the broker) is real.
 """
 
 import base64
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -22,7 +23,7 @@ from edge_agent.entropy import EntropyGate
 from edge_agent.identity import load_identity
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
-from edge_agent.verify import Verifier, check_identity, probe_broker
+from edge_agent.verify import Verifier, check_broker, check_identity
 
 UTC = datetime.timezone.utc
 # A well-formed pin that matches no key of the test PKI.
@@ -47,8 +48,8 @@ def broker_log_after(broker, connections: int) -> str:
     """Return the broker log once it shows ``connections`` closed TLS connections.
 
     Mosquitto writes its log from its own event loop, so a line can appear
-    after the client has already returned; the negative checks need the
-    whole story of each connection first.
+    after the client has already returned. The negative checks need every
+    line of each connection first.
     """
     wait_until(
         lambda: broker.log().count("closed its connection") + broker.log().count("disconnected") >= connections,
@@ -115,7 +116,7 @@ def test_probe_verifies_pinned_broker(broker, write_config, pki):
     config = load_config(write_config(broker.port))
     context = create_client_context(config.broker, load_identity(config.identity))
 
-    finding = probe_broker(config.broker, context, now_utc())
+    finding = check_broker(config.broker, context)
 
     assert finding.valid, finding.detail
     assert finding.pin_matched is True
@@ -130,10 +131,11 @@ def test_probe_rejects_wrong_pin(broker, write_config, pki):
     config = load_config(write_config(broker.port, broker={"pins": [str(pki.spare_pin), UNRELATED_PIN]}))
     context = create_client_context(config.broker, load_identity(config.identity))
 
-    finding = probe_broker(config.broker, context, now_utc())
+    finding = check_broker(config.broker, context)
 
     assert not finding.valid
     assert finding.pin_matched is False
+    assert finding.failure_class == "pin-mismatch"
     assert str(pki.broker_pin) in finding.detail
     assert context.pin_failures == 1
     log = broker_log_after(broker, 1)
@@ -147,10 +149,11 @@ def test_probe_reports_unreachable_broker(write_config):
     config = load_config(write_config(free_port()))
     context = create_client_context(config.broker, load_identity(config.identity))
 
-    finding = probe_broker(config.broker, context, now_utc())
+    finding = check_broker(config.broker, context)
 
     assert not finding.valid
-    assert "connection to broker 127.0.0.1" in finding.detail
+    assert finding.failure_class == "refused"
+    assert finding.detail.startswith(f"broker 127.0.0.1:{config.broker.port}: refused")
 
 
 # --- the identity re-check --------------------------------------------------------
@@ -184,8 +187,19 @@ def test_identity_expiring_soon(tmp_path, write_config):
     assert "GW-SHORT" in finding.expiry.subject
 
 
-def test_identity_expired_invalid(write_config):
+def test_identity_expired_reported(write_config):
     config = load_config(write_config())
+
+    finding = check_identity(config.identity, None, now_utc() + datetime.timedelta(days=20 * 365))
+
+    # identity.strict_time is false: an expired CA is reported but still accepted.
+    assert finding.valid
+    assert "expired on" in finding.detail
+    assert finding.expiry.days_left(now_utc() + datetime.timedelta(days=20 * 365)) < 0
+
+
+def test_identity_expired_strict_invalid(write_config):
+    config = load_config(write_config(identity={"strict_time": True}))
 
     finding = check_identity(config.identity, None, now_utc() + datetime.timedelta(days=20 * 365))
 
@@ -196,14 +210,13 @@ def test_identity_expired_invalid(write_config):
 def test_identity_wrong_anchor_invalid(tmp_path, write_config):
     stranger = write_certificates(tmp_path / "stranger.pem", [make_ca("unrelated CA").certificate])
     config = load_config(write_config())
-    settings = config.identity.__class__(
-        cert=config.identity.cert, key=config.identity.key, trust_anchors=(stranger,)
-    )
+    settings = dataclasses.replace(config.identity, trust_anchors=(stranger,))
 
     finding = check_identity(settings, None, now_utc())
 
     assert not finding.valid
-    assert "does not chain to any configured trust anchor" in finding.detail
+    assert "IDevID chain:" in finding.detail
+    assert "identity.trust_anchors" in finding.detail
 
 
 # --- the verification job ---------------------------------------------------------
