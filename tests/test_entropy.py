@@ -12,20 +12,7 @@ import pytest
 
 from edge_agent.config import EntropyConfig
 from edge_agent.entropy import EntropyGate, EntropyNotReadyError, crng_ready, read_entropy_status
-
-
-class FakeProc:
-    """/proc/sys/kernel/random as the test wants it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.folder = root / "sys" / "kernel" / "random"
-        self.folder.mkdir(parents=True)
-
-    def set(self, entropy_avail: int, poolsize: int) -> "FakeProc":
-        (self.folder / "entropy_avail").write_text(f"{entropy_avail}\n")
-        (self.folder / "poolsize").write_text(f"{poolsize}\n")
-        return self
+from fakehw import FakeProc
 
 
 class TestClock:

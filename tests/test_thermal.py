@@ -23,25 +23,10 @@ from edge_agent.thermal import (
     sanitise_celsius,
 )
 from edge_agent.verify import VerificationSchedule
+from fakehw import FakeSysfs
 
 # psutil's own record type is private; this one has the same fields.
 shwtemp = collections.namedtuple("shwtemp", "label current high critical")
-
-
-class FakeSysfs:
-    """A sysfs tree with thermal zones, written by the test."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def zone(self, index: int, kind: str, temp: str) -> Path:
-        folder = self.root / "class" / "thermal" / f"thermal_zone{index}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "type").write_text(kind + "\n")
-        path = folder / "temp"
-        path.write_text(temp + "\n")
-        return path
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from edge_agent.identity import load_identity
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
 from edge_agent.verify import Verifier, check_broker, check_identity
+from fakehw import FakeProc, FakeSysfs
 
 UTC = datetime.timezone.utc
 # A well-formed pin that matches no key of the test PKI.
@@ -61,23 +62,15 @@ def broker_log_after(broker, connections: int) -> str:
 @pytest.fixture
 def hot_sysfs(tmp_path) -> Path:
     """A fake sysfs tree whose CPU zone reads 95 C, above every profile's critical threshold."""
-    root = tmp_path / "sys"
-    zone = root / "class" / "thermal" / "thermal_zone0"
-    zone.mkdir(parents=True)
-    (zone / "type").write_text("cpu-thermal\n")
-    (zone / "temp").write_text("95000\n")
-    return root
+    sysfs = FakeSysfs(tmp_path / "sys")
+    sysfs.zone(0, "cpu-thermal", "95000")
+    return sysfs.root
 
 
 @pytest.fixture
 def seeded_proc(tmp_path) -> Path:
     """A fake /proc with the 256-bit pool of current kernels."""
-    root = tmp_path / "proc"
-    folder = root / "sys" / "kernel" / "random"
-    folder.mkdir(parents=True)
-    (folder / "entropy_avail").write_text("256\n")
-    (folder / "poolsize").write_text("256\n")
-    return root
+    return FakeProc(tmp_path / "proc").set(entropy_avail=256, poolsize=256).root
 
 
 @pytest.fixture
@@ -251,19 +244,24 @@ def test_verification_waits_for_entropy(broker, write_config, seeded_proc):
 # --- the invariant: the hottest state still checks every pin ---------------------
 
 
-def test_critical_state_refuses_wrong_pin(broker, write_config, pki, hot_sysfs, agents):
-    path = write_config(
-        broker.port,
-        broker={"pins": [str(pki.spare_pin), UNRELATED_PIN]},
-        thermal={"sysfs_root": str(hot_sysfs)},
-    )
+def connect_when_critical(path: Path, agents: list):
+    """Start an agent at the critical state; make one connection attempt and one verification run."""
     agent = new_agent(path)
     agents.append(agent)
     assert agent.thermal.update() == "critical"
 
     now = time.monotonic()
     agent.try_connect(now)
-    report = agent.verifier.run(now, agent.config, agent._context)
+    return agent, agent.verifier.run(now, agent.config, agent._context)
+
+
+def test_critical_state_refuses_wrong_pin(broker, write_config, pki, hot_sysfs, agents):
+    path = write_config(
+        broker.port,
+        broker={"pins": [str(pki.spare_pin), UNRELATED_PIN]},
+        thermal={"sysfs_root": str(hot_sysfs)},
+    )
+    agent, report = connect_when_critical(path, agents)
 
     assert agent.uplink.state == "disconnected"
     assert agent.uplink.counters.pin_failures == 1
@@ -277,13 +275,7 @@ def test_critical_state_refuses_wrong_pin(broker, write_config, pki, hot_sysfs, 
 
 def test_critical_state_accepts_right_pin(broker, write_config, pki, hot_sysfs, agents):
     path = write_config(broker.port, thermal={"sysfs_root": str(hot_sysfs)})
-    agent = new_agent(path)
-    agents.append(agent)
-    assert agent.thermal.update() == "critical"
-
-    now = time.monotonic()
-    agent.try_connect(now)
-    report = agent.verifier.run(now, agent.config, agent._context)
+    agent, report = connect_when_critical(path, agents)
 
     assert agent.uplink.state == "connected"
     assert report.result == "ok", report.broker.detail
