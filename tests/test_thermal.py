@@ -191,6 +191,20 @@ def test_sensor_disappears_then_unavailable(sysfs, no_psutil_sensors, caplog):
     assert "gave no plausible reading" in caplog.text
 
 
+def test_psutil_sensor_disappears(sysfs, mocker):
+    sensors = mocker.patch("psutil.sensors_temperatures", return_value={"k10temp": [shwtemp("Tctl", 71.5, None, None)]})
+    governor = ThermalGovernor(settings_for(sysfs, sensors=("k10temp",)))
+    assert governor.update() == "warm"
+
+    sensors.return_value = {}
+    for _ in range(MISSING_READS_LIMIT):
+        governor.update()
+
+    assert governor.state == "normal"
+    assert governor.to_dict()["available"] is False
+    assert governor.to_dict()["source"] is None
+
+
 def test_sensor_disappears_falls_back(sysfs, mocker, caplog):
     path = sysfs.zone(0, "x86_pkg_temp", "60000")
     mocker.patch("psutil.sensors_temperatures", return_value={"coretemp": [shwtemp("Package id 0", 58.0, None, None)]})
