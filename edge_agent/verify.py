@@ -156,7 +156,7 @@ def check_broker(broker: BrokerConfig, context: PinnedContext) -> Finding:
         # ssl.SSLError and its verification errors are OSErrors too.
         return Finding(False, f"broker {peer}: {describe_tls_error(exc)}", failure_class=classify_tls_error(exc))
     except ValueError as exc:
-        # The pin check parses each certificate with cryptography, which rejects some encodings OpenSSL accepts.
+        # The pin check raises ValueError for a certificate whose DER has no readable SubjectPublicKeyInfo.
         return Finding(False, f"broker {peer} chain could not be parsed for the pin check: {exc}")
 
     try:
