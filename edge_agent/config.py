@@ -64,6 +64,9 @@ class IdentityConfig:
     )
     key_passphrase_file: Optional[Path] = _key(None, kind="file?", fix="point it at a file that contains only the passphrase")
     strict_time: bool = _key(False, kind="bool")
+    # "tpm": identity.key is a TSS2 PRIVATE KEY blob that only the TPM behind tpm_tcti can use.
+    key_source: str = _key("file", kind="enum", choices=("file", "tpm"))
+    tpm_tcti: str = _key("device:/dev/tpmrm0", kind="str", fix="set the TPM's TCTI, e.g. 'device:/dev/tpmrm0'")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ class DeviceIdentity:
     device_id: str
     device_id_source: str
     key_passphrase: Optional[bytes] = None
+    # "tpm": key_path is a TSS2 blob that only the TPM behind tpm_tcti can use.
+    key_source: str = "file"
+    tpm_tcti: Optional[str] = None
 
     @property
     def subject(self) -> str:
@@ -245,8 +248,16 @@ def load_identity(settings: IdentityConfig, device_id: Optional[str] = None) -> 
     _check_key_type(leaf, settings.cert)
 
     passphrase = read_passphrase(settings.key_passphrase_file)
-    private_key = load_private_key(settings.key, passphrase)
-    check_key_matches(leaf, private_key, settings.cert, settings.key)
+    if settings.key_source == "tpm":
+        # Imported here because edge_agent.tpm imports this module. A TPM key cannot
+        # be loaded here; the self-test checks it against the certificate when the
+        # TLS context is built.
+        from edge_agent.tpm import check_tpm_key_file
+
+        check_tpm_key_file(settings)
+    else:
+        private_key = load_private_key(settings.key, passphrase)
+        check_key_matches(leaf, private_key, settings.cert, settings.key)
 
     anchors: "list[x509.Certificate]" = []
     for anchor_path in settings.trust_anchors:
@@ -267,6 +278,8 @@ def load_identity(settings: IdentityConfig, device_id: Optional[str] = None) -> 
         device_id=resolved_id,
         device_id_source=source,
         key_passphrase=passphrase,
+        key_source=settings.key_source,
+        tpm_tcti=settings.tpm_tcti if settings.key_source == "tpm" else None,
     )
     logger.info("loaded device identity %s (device id %s from %s)", identity.subject, resolved_id, source)
     return identity
