@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.asn1 import hardware_module_name_san
+from edge_agent.asn1 import drop_ecdsa_null_parameters, hardware_module_name_san
 from edge_agent.identity import NO_EXPIRATION
 from edge_agent.pinning import Pin, pin_from_public_key
 
@@ -148,16 +148,23 @@ def issue_idevid(
     not_after: datetime.datetime = NO_EXPIRATION,
     not_before: Optional[datetime.datetime] = None,
     common_name: Optional[str] = None,
+    public_key=None,
 ) -> Issued:
-    """Issue an IDevID: subject serialNumber, HardwareModuleName SAN, no expiration by default."""
-    key = key or new_key()
+    """Issue an IDevID: subject serialNumber, HardwareModuleName SAN, no expiration by default.
+
+    With ``public_key`` (for a key held elsewhere, such as in a TPM) no key
+    is generated and ``Issued.key`` is None.
+    """
+    if public_key is None:
+        key = key or new_key()
+        public_key = key.public_key()
     not_before = not_before or _now() - datetime.timedelta(days=1)
     hw_serial = serial_number.encode("ascii") if hw_serial is None else hw_serial
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name or serial_number, serial_number=serial_number))
         .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -171,10 +178,22 @@ def issue_idevid(
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([hardware_module_name_san(hw_type, hw_serial)]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def issue_idevid_from_csr(ca: Issued, csr_der: bytes, serial_number: str, **options) -> x509.Certificate:
+    """Issue an IDevID for the key of a DER CSR whose self-signature proves possession of the key.
+
+    The subject comes from ``serial_number``, not from the CSR, as a
+    manufacturer assigns it. ``options`` go to ``issue_idevid``.
+    """
+    csr = x509.load_der_x509_csr(drop_ecdsa_null_parameters(csr_der))
+    if not csr.is_signature_valid:
+        raise ValueError("the CSR's signature does not verify with its own public key")
+    return issue_idevid(ca, serial_number, public_key=csr.public_key(), **options).certificate
 
 
 def write_private_key(path: Path, key, passphrase: Optional[bytes] = None, mode: int = 0o600) -> Path:
@@ -215,16 +234,20 @@ class DevPki:
     observer_key: Path
 
 
-def create_dev_pki(folder: Path, device_serial: str = "GW-0001", key_kind: str = "ec-p256") -> DevPki:
+def create_dev_pki(
+    folder: Path, device_serial: str = "GW-0001", key_kind: str = "ec-p256", manufacturer: Optional[Issued] = None
+) -> DevPki:
     """Create the demo PKI in ``folder`` (created with mode 0700 when missing).
 
     It also issues ``observer.pem``, a client certificate from the same
     manufacturer CA for the subscriber that shows what the broker receives.
+    A caller that issues more IDevIDs later passes its own ``manufacturer``
+    CA, whose key is otherwise never written.
     """
     folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    manufacturer = make_ca("edge-agent development manufacturer CA")
+    manufacturer = manufacturer or make_ca("edge-agent development manufacturer CA")
     idevid = issue_idevid(manufacturer, device_serial, key=new_key(key_kind))
     broker_ca = make_ca("edge-agent development broker CA")
     broker = issue_server_cert(broker_ca)
