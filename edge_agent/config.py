@@ -1,8 +1,8 @@
 """Configuration: TOML files validated into frozen dataclasses.
 
 The agent reads its own file (default ``/etc/edge-agent/agent.toml``) over a
-firmware profile (``firmware_profiles/<name>.toml``) that holds the hardware
-facts of one gateway model. A key set in the agent's file wins over the
+firmware profile (``firmware_profiles/<name>.toml``) that contains the
+hardware facts of one gateway model. A key set in the agent's file wins over the
 profile. Every invalid setting is reported with the file, the key, the value
 and the fix; unknown keys are errors, because a misspelt security setting
 must never fall back to a default without anyone noticing.

@@ -1,9 +1,9 @@
 """A development PKI for the demo and the tests: never for production devices.
 
 It creates a manufacturer CA and an IDevID in the IEEE 802.1AR shape
-(subject serialNumber, a HardwareModuleName SAN, notAfter 99991231235959Z),
-a broker CA with a broker certificate for localhost, 127.0.0.1 and ::1, and a
-spare broker key whose pin serves as the backup pin. Private keys are written
+(subject serialNumber, a HardwareModuleName SAN, notAfter 99991231235959Z).
+For the broker it creates a CA, a certificate for localhost, 127.0.0.1 and
+::1, and a spare key whose pin serves as the backup pin. Private keys are written
 with mode 0600 and never overwrite an existing file.
 """
 
@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization

@@ -284,7 +284,9 @@ class Spool:
     def stats(self) -> SpoolStats:
         with self._lock:
             db = self._require_db()
-            oldest = db.execute("SELECT min(created) FROM message").fetchone()[0]
+            # The smallest id is the oldest message; this walks the primary key instead of scanning.
+            row = db.execute("SELECT created FROM message ORDER BY id LIMIT 1").fetchone()
+            oldest = row[0] if row else None
             dropped = self._meta("dropped_total")
             return SpoolStats(
                 depth=self._depth,
