@@ -334,9 +334,9 @@ def _check_process_setup(identity: DeviceIdentity) -> None:
     source = setup.config_path or "the configuration file"
     raise TpmError(
         NOT_CONFIGURED,
-        f"{source}: OpenSSL in this process is not set up for the TPM (TCTI '{identity.tpm_tcti}'); the agent reads "
-        "identity.key_source and identity.tpm_tcti from this file before OpenSSL starts, so set both there, "
-        "not only in the firmware profile, and start the agent with the 'edge-agent' command",
+        f"{source}: OpenSSL in this process was started without the TPM provider for TCTI "
+        f"'{identity.tpm_tcti}', because the agent reads identity.key_source and identity.tpm_tcti from this "
+        "file only at start-up; set both in this file (not only in the firmware profile) and restart the agent",
         str(source),
     )
 

@@ -9,8 +9,8 @@ module) and the provider at ``identity.tpm_tcti``. The environment changes
 only for this process and its children; the system-wide configuration is
 never touched.
 
-This module must not import ``ssl``, ``cryptography`` or any module that
-does, because it runs before OpenSSL is initialised.
+This module must not import ``ssl``, ``hashlib``, ``cryptography`` or any
+module that does, because it runs before OpenSSL is initialised.
 """
 
 import logging
@@ -39,6 +39,9 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 # The same default as edge_agent.config.DEFAULT_CONFIG_PATH, which cannot be
 # imported here because edge_agent.config imports ssl.
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+# Extension modules whose import initialises the system's OpenSSL, which then
+# ignores a later OPENSSL_CONF. hashlib imports _hashlib.
+OPENSSL_USERS = ("_ssl", "_hashlib")
 # Time allowed for one openssl command against the TPM. A TPM that stops
 # responding makes the command hang rather than fail, so every call is bounded.
 PROBE_TIMEOUT_S = 10.0
@@ -146,7 +149,7 @@ def _read_identity_table(path: Path) -> Mapping[str, object]:
 
 
 def _ssl_already_loaded_problem() -> Optional[TpmError]:
-    if "_ssl" not in sys.modules:
+    if not any(name in sys.modules for name in OPENSSL_USERS):
         return None
     return TpmError(
         NOT_CONFIGURED,

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -304,6 +305,18 @@ def test_prepare_after_ssl_leaves_environment(tmp_path, monkeypatch):
     assert not setup.applied
     assert setup.problem.cause == NOT_CONFIGURED
     assert "OPENSSL_CONF" not in os.environ
+
+
+def test_cli_import_leaves_openssl_alone():
+    # prepare_process runs in main(), so importing the CLI must not initialise OpenSSL.
+    code = (
+        "import sys; from edge_agent.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('_ssl', '_hashlib') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_default_config_path_matches():
