@@ -160,6 +160,11 @@ class SoftTpm:
         _terminate(self._swtpm)
         self._swtpm = None
 
+    def restart_resource_manager(self, timeout_s: float = 20.0) -> None:
+        """Stop and start tpm2-abrmd, which drops every client's connection to the TPM."""
+        _terminate(self._abrmd)
+        self._start_resource_manager(timeout_s)
+
     def _start_bus(self, timeout_s: float) -> None:
         socket_path = self.folder / "bus"
         self.bus_address = f"unix:path={socket_path}"

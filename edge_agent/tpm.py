@@ -34,15 +34,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from edge_agent.asn1 import DerError, _decode_oid, read_tlv
-from edge_agent.config import IdentityConfig, secret_file_mode_problem
+from edge_agent.config import BrokerConfig, IdentityConfig, secret_file_mode_problem
 from edge_agent.errors import IdentityError
 from edge_agent.identity import DeviceIdentity, load_certificates, read_file
 from edge_agent.pinning import pin_from_certificate, pin_from_spki_der
-from edge_agent.tls import load_client_certificate
+from edge_agent.tls import create_client_context, load_client_certificate
 from edge_agent.tpm_provider import (
     NO_TPM,
     NOT_CONFIGURED,
     PROBE_TIMEOUT_S,
+    PROVIDER_FAILED,
     UNSUPPORTED_KEY,
     WRONG_BLOB,
     WRONG_CERTIFICATE,
@@ -314,15 +315,35 @@ def attach_tpm_identity(context: ssl.SSLContext, identity: DeviceIdentity, ca_fi
         load_client_certificate(context, identity)
     except ssl.SSLError as exc:
         raise TpmError(
-            NOT_CONFIGURED,
-            f"{identity.key_path}: OpenSSL in this process could not load the TPM key ({exc.reason or exc}) although "
-            "the self-test passed; check that OPENSSL_CONF is not overridden for the agent",
+            PROVIDER_FAILED,
+            f"{identity.key_path}: the tpm2 provider in this process could not load the TPM key ({exc.reason or exc}), "
+            "although a separate openssl process could; the provider may have lost its connection to the TPM "
+            "resource manager since the agent started; restart the agent",
             str(identity.key_path),
         ) from None
     logger.info(
         "device key %s is held by the TPM (TCTI %s); self-test signed and verified a nonce in %.0f ms",
         identity.key_path, identity.tpm_tcti, elapsed * 1000,
     )
+
+
+def refresh_tpm_context(broker: BrokerConfig, identity: DeviceIdentity, current: ssl.SSLContext) -> ssl.SSLContext:
+    """Build the TLS context again after a failed connection attempt with a TPM-held key.
+
+    A TPM restart drops the key that ``current`` loaded, and a new context
+    loads it again. While the TPM does not respond, the failure is logged and
+    ``current`` is kept for the next attempt. When a separate process can use
+    the key but this one cannot, because the provider lost its connection to
+    the resource manager, the TpmError is raised: only a restart of the agent
+    helps, and the spool keeps the telemetry until then.
+    """
+    try:
+        return create_client_context(broker, identity)
+    except TpmError as exc:
+        if exc.cause == PROVIDER_FAILED:
+            raise
+        logger.warning("TPM check before the next connection attempt failed (%s): %s", exc.cause, exc)
+        return current
 
 
 def _check_process_setup(identity: DeviceIdentity) -> None:

@@ -56,6 +56,7 @@ WRONG_CERTIFICATE = "wrong-certificate"
 UNSUPPORTED_KEY = "unsupported-key"
 TIMEOUT = "timeout"
 NOT_CONFIGURED = "openssl-not-configured"
+PROVIDER_FAILED = "provider-failed"
 
 _RESOURCE_MANAGER_FIX = (
     "use 'device:/dev/tpmrm0' (the kernel's resource manager) or 'tabrmd:' (tpm2-abrmd)"

@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -177,6 +178,73 @@ def test_key_fails_with_tpm_stopped(soft_tpm, tpm_pki, agent_command, tmp_path):
     assert manager_down.returncode == 1
     assert "Traceback" not in manager_down.stderr
     assert "tpm2-abrmd is not reachable" in manager_down.stderr
+
+
+def _wait_for_log(broker: DevBroker, text: str, count: int, timeout_s: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = broker.log().count(text)
+        if found >= count:
+            return found
+        time.sleep(0.1)
+    return broker.log().count(text)
+
+
+def _start_agent(agent_command, config: Path, environment: dict, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        agent_command("run", "--config", str(config), "--duration", str(seconds)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment,
+    )
+
+
+def test_agent_survives_tpm_restart(soft_tpm, tpm_pki, agent_command, tmp_path):
+    pki = tpm_pki.pki
+    tpm = SoftTpm(tmp_path / "tpm").start()
+    try:
+        idevid = provision_tpm_idevid(tmp_path, tpm, tpm_pki.manufacturer, "GW-TPM-0004")
+        with DevBroker(tmp_path / "broker", pki.broker_cert, pki.broker_key, pki.manufacturer_ca) as broker:
+            config = write_tpm_config(tmp_path, tpm_pki, idevid, tpm.tcti, broker.port)
+            agent = _start_agent(agent_command, config, {**os.environ, **tpm.environment}, 30.0)
+            first = _wait_for_log(broker, "u'GW-TPM-0004'", 1)
+
+            # The restarted TPM no longer has the key the agent loaded; the broker restart forces a new handshake.
+            tpm.stop_simulator()
+            tpm.start_simulator()
+            broker.restart()
+            # Mosquitto appends to its log, so the second session is the second match.
+            second = _wait_for_log(broker, "u'GW-TPM-0004'", 2)
+            agent.terminate()
+            _, stderr = agent.communicate(timeout=30)
+    finally:
+        tpm.stop()
+
+    assert first == 1
+    assert second == 2
+    assert agent.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def test_agent_exits_after_manager_restart(soft_tpm, tpm_pki, agent_command, tmp_path):
+    pki = tpm_pki.pki
+    tpm = SoftTpm(tmp_path / "tpm").start()
+    try:
+        idevid = provision_tpm_idevid(tmp_path, tpm, tpm_pki.manufacturer, "GW-TPM-0005")
+        with DevBroker(tmp_path / "broker", pki.broker_cert, pki.broker_key, pki.manufacturer_ca) as broker:
+            config = write_tpm_config(tmp_path, tpm_pki, idevid, tpm.tcti, broker.port)
+            agent = _start_agent(agent_command, config, {**os.environ, **tpm.environment}, 30.0)
+            connected = _wait_for_log(broker, "u'GW-TPM-0005'", 1)
+
+            tpm.restart_resource_manager()
+            broker.restart()
+            _, stderr = agent.communicate(timeout=60)
+    finally:
+        tpm.stop()
+
+    assert connected == 1
+    assert agent.returncode == 1
+    assert "Traceback" not in stderr
+    assert "lost its connection to the TPM resource manager" in stderr
+    assert "restart the agent" in stderr
 
 
 def test_key_blob_from_other_tpm(tpm_pki, tpm_idevid, soft_tpm, tpm_environment, tmp_path):
