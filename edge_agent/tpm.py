@@ -25,7 +25,7 @@ import ssl
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -301,6 +301,11 @@ def _probe_ca_signature(ca_file: Path, certificate: x509.Certificate, key_name: 
 
 # --- the TLS hook ---------------------------------------------------------------
 
+# Broker CA files already checked (path, mtime, size, TCTI) and keys already
+# attached in this process.
+_checked_ca_files: Set[Tuple[str, int, int, str]] = set()
+_attached_keys: Set[Path] = set()
+
 
 def attach_tpm_identity(context: ssl.SSLContext, identity: DeviceIdentity, ca_file: Path) -> None:
     """Self-test the TPM key, check the broker's CA, then present the key as the TLS client certificate."""
@@ -309,7 +314,12 @@ def attach_tpm_identity(context: ssl.SSLContext, identity: DeviceIdentity, ca_fi
     start = time.monotonic()
     sign_and_verify_nonce(identity.cert_path, identity.key_path, identity.tpm_tcti, identity.certificate)
     elapsed = time.monotonic() - start
-    check_broker_ca(ca_file, identity.tpm_tcti)
+    # A rebuilt context after a failed attempt skips a CA file checked before, unless it changed.
+    ca_stat = ca_file.stat()
+    ca_version = (str(ca_file), ca_stat.st_mtime_ns, ca_stat.st_size, identity.tpm_tcti)
+    if ca_version not in _checked_ca_files:
+        check_broker_ca(ca_file, identity.tpm_tcti)
+        _checked_ca_files.add(ca_version)
 
     try:
         load_client_certificate(context, identity)
@@ -321,8 +331,11 @@ def attach_tpm_identity(context: ssl.SSLContext, identity: DeviceIdentity, ca_fi
             "resource manager since the agent started; restart the agent",
             str(identity.key_path),
         ) from None
-    logger.info(
-        "device key %s is held by the TPM (TCTI %s); self-test signed and verified a nonce in %.0f ms",
+    # Info once per key, because the context is rebuilt after every failed connection attempt.
+    level = logging.DEBUG if identity.key_path in _attached_keys else logging.INFO
+    _attached_keys.add(identity.key_path)
+    logger.log(
+        level, "device key %s is held by the TPM (TCTI %s); self-test signed and verified a nonce in %.0f ms",
         identity.key_path, identity.tpm_tcti, elapsed * 1000,
     )
 
