@@ -197,7 +197,17 @@ def _start_agent(agent_command, config: Path, environment: dict, seconds: float)
     )
 
 
-def test_agent_survives_tpm_restart(soft_tpm, tpm_pki, agent_command, tmp_path):
+@dataclass
+class AgentRun:
+    tpm: SoftTpm
+    broker: DevBroker
+    agent: subprocess.Popen
+    broker_user: str
+
+
+@pytest.fixture
+def own_tpm_agent(soft_tpm, tpm_pki, agent_command, tmp_path) -> Iterator[AgentRun]:
+    """Run the agent with a key in a TPM of its own, for tests that restart that TPM."""
     pki = tpm_pki.pki
     tpm = SoftTpm(tmp_path / "tpm").start()
     try:
@@ -205,43 +215,45 @@ def test_agent_survives_tpm_restart(soft_tpm, tpm_pki, agent_command, tmp_path):
         with DevBroker(tmp_path / "broker", pki.broker_cert, pki.broker_key, pki.manufacturer_ca) as broker:
             config = write_tpm_config(tmp_path, tpm_pki, idevid, tpm.tcti, broker.port)
             agent = _start_agent(agent_command, config, {**os.environ, **tpm.environment}, 30.0)
-            first = _wait_for_log(broker, "u'GW-TPM-0004'", 1)
-
-            # The restarted TPM no longer has the key the agent loaded; the broker restart forces a new handshake.
-            tpm.stop_simulator()
-            tpm.start_simulator()
-            broker.restart()
-            # Mosquitto appends to its log, so the second session is the second match.
-            second = _wait_for_log(broker, "u'GW-TPM-0004'", 2)
-            agent.terminate()
-            _, stderr = agent.communicate(timeout=30)
+            try:
+                yield AgentRun(tpm, broker, agent, "u'GW-TPM-0004'")
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                agent.communicate()
     finally:
         tpm.stop()
+
+
+def test_agent_survives_tpm_restart(own_tpm_agent):
+    run = own_tpm_agent
+    first = _wait_for_log(run.broker, run.broker_user, 1)
+
+    # The restarted TPM no longer has the key the agent loaded; the broker restart forces a new handshake.
+    run.tpm.stop_simulator()
+    run.tpm.start_simulator()
+    run.broker.restart()
+    # Mosquitto appends to its log, so the second session is the second match.
+    second = _wait_for_log(run.broker, run.broker_user, 2)
+    run.agent.terminate()
+    _, stderr = run.agent.communicate(timeout=30)
 
     assert first == 1
     assert second == 2
-    assert agent.returncode == 0, stderr
+    assert run.agent.returncode == 0, stderr
     assert "Traceback" not in stderr
 
 
-def test_agent_exits_after_manager_restart(soft_tpm, tpm_pki, agent_command, tmp_path):
-    pki = tpm_pki.pki
-    tpm = SoftTpm(tmp_path / "tpm").start()
-    try:
-        idevid = provision_tpm_idevid(tmp_path, tpm, tpm_pki.manufacturer, "GW-TPM-0005")
-        with DevBroker(tmp_path / "broker", pki.broker_cert, pki.broker_key, pki.manufacturer_ca) as broker:
-            config = write_tpm_config(tmp_path, tpm_pki, idevid, tpm.tcti, broker.port)
-            agent = _start_agent(agent_command, config, {**os.environ, **tpm.environment}, 30.0)
-            connected = _wait_for_log(broker, "u'GW-TPM-0005'", 1)
+def test_agent_exits_after_manager_restart(own_tpm_agent):
+    run = own_tpm_agent
+    connected = _wait_for_log(run.broker, run.broker_user, 1)
 
-            tpm.restart_resource_manager()
-            broker.restart()
-            _, stderr = agent.communicate(timeout=60)
-    finally:
-        tpm.stop()
+    run.tpm.restart_resource_manager()
+    run.broker.restart()
+    _, stderr = run.agent.communicate(timeout=60)
 
     assert connected == 1
-    assert agent.returncode == 1
+    assert run.agent.returncode == 1
     assert "Traceback" not in stderr
     assert "lost its connection to the TPM resource manager" in stderr
     assert "restart the agent" in stderr
@@ -424,25 +436,18 @@ def test_tss2_blob_fields(tmp_path):
     assert key.parent == 0x40000001
 
 
-def test_tss2_blob_importable_rejected(tmp_path):
+@pytest.mark.parametrize(
+    "oid_body, empty_auth, message",
+    [(IMPORTABLE_OID_BODY, True, "importable key"), (LOADABLE_OID_BODY, False, "authorization value")],
+)
+def test_tss2_blob_rejected(oid_body, empty_auth, message, tmp_path):
     from edge_agent.tpm import check_tpm_key_file
 
     path = tmp_path / "key.pem"
-    path.write_bytes(_tss2_pem(_tss2_der(IMPORTABLE_OID_BODY, empty_auth=True)))
+    path.write_bytes(_tss2_pem(_tss2_der(oid_body, empty_auth)))
     path.chmod(0o600)
 
-    with pytest.raises(TpmError, match="importable key"):
-        check_tpm_key_file(IdentityConfig(key=path, key_source="tpm"))
-
-
-def test_tss2_blob_with_auth_rejected(tmp_path):
-    from edge_agent.tpm import check_tpm_key_file
-
-    path = tmp_path / "key.pem"
-    path.write_bytes(_tss2_pem(_tss2_der(LOADABLE_OID_BODY, empty_auth=False)))
-    path.chmod(0o600)
-
-    with pytest.raises(TpmError, match="authorization value"):
+    with pytest.raises(TpmError, match=message):
         check_tpm_key_file(IdentityConfig(key=path, key_source="tpm"))
 
 
