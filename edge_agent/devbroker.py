@@ -22,6 +22,8 @@ from typing import List, Optional
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.tpm_provider import OPENSSL_CONFIG, TCTI_ENV
+
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -120,8 +122,12 @@ class DevBroker:
         raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s} s")
 
     def _environment(self) -> "dict[str, str]":
-        # An agent's TPM provider configuration must not reach the broker's OpenSSL.
-        environment = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "TPM2OPENSSL_TCTI")}
+        # The agent's TPM provider configuration must not reach the broker's OpenSSL;
+        # any other OPENSSL_CONF of the caller is passed on.
+        environment = dict(os.environ)
+        environment.pop(TCTI_ENV, None)
+        if environment.get("OPENSSL_CONF") == str(OPENSSL_CONFIG):
+            del environment["OPENSSL_CONF"]
         if self.tls_max_version:
             openssl_conf = self.folder / f"openssl-{self.port}.cnf"
             openssl_conf.write_text(

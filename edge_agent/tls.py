@@ -15,7 +15,9 @@ from typing import List, Optional
 
 from cryptography.hazmat.primitives import serialization
 
+from edge_agent.certfiles import load_private_key
 from edge_agent.config import BrokerConfig
+from edge_agent.errors import IdentityError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.pinning import PinMismatchError, PinSet
 
@@ -32,14 +34,7 @@ def verified_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
     an empty chain, so the caller falls back to the verified leaf and an empty
     result can never pass the pin check.
     """
-    getter = getattr(sock, "get_verified_chain", None)
-    if getter is None:
-        getter = getattr(getattr(sock, "_sslobj", None), "get_verified_chain", None)
-
-    chain: List[bytes] = []
-    if getter is not None:
-        for item in getter() or []:
-            chain.append(item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER))
+    chain = _chain_der(sock, "get_verified_chain") or []
     if not chain:
         leaf = sock.getpeercert(binary_form=True)
         if leaf:
@@ -47,11 +42,39 @@ def verified_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
     return chain
 
 
+def presented_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
+    """Return the DER certificates the peer sent, in its order, verified or not.
+
+    For display only: pins are never matched against this list, because a
+    peer may append any certificate it likes. Python 3.9 returns the leaf alone.
+    """
+    chain = _chain_der(sock, "get_unverified_chain")
+    if chain is None:
+        leaf = sock.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    return chain
+
+
+def _chain_der(sock: ssl.SSLSocket, method: str) -> Optional[List[bytes]]:
+    """Call ``method`` where this Python has it, or return None on 3.9."""
+    getter = getattr(sock, method, None)
+    if getter is None:
+        getter = getattr(getattr(sock, "_sslobj", None), method, None)
+    if getter is None:
+        return None
+    return [item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER) for item in getter() or []]
+
+
 class PinnedSSLSocket(ssl.SSLSocket):
     """An ``SSLSocket`` that checks the context's pin-set right after the handshake."""
 
     def do_handshake(self, block: bool = False) -> None:
-        super().do_handshake(block)
+        try:
+            super().do_handshake(block)
+        except OSError:
+            # paho does not close a socket whose handshake failed; without this each failed attempt leaks it.
+            self.close()
+            raise
         context = self.context
         pin_set: Optional[PinSet] = getattr(context, "pin_set", None)
         server = f"{getattr(context, 'peer_label', '')}" or str(self.server_hostname)
@@ -151,15 +174,25 @@ def load_client_certificate(context: ssl.SSLContext, identity: DeviceIdentity) -
     if b"-----BEGIN" in key_data:
         key_file = str(identity.key_path)
         with _memory_file(cert_pem) as cert_file:
-            context.load_cert_chain(cert_file, key_file, password=passphrase)
+            # Without a password OpenSSL would prompt on the terminal; a service must fail instead.
+            password = passphrase if passphrase is not None else _no_passphrase(identity.key_path)
+            context.load_cert_chain(cert_file, key_file, password=password)
         return
 
-    private_key = serialization.load_der_private_key(key_data, password=passphrase)
+    # The shared loader also trims a padded DER key.
+    private_key = load_private_key(identity.key_path, passphrase)
     key_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     with _memory_file(cert_pem) as cert_file, _memory_file(key_pem) as key_file:
         context.load_cert_chain(cert_file, key_file)
+
+
+def _no_passphrase(key_path: Path):
+    def refuse() -> bytes:
+        raise IdentityError(f"{key_path}: the private key is encrypted and no passphrase is configured", str(key_path), "key-load")
+
+    return refuse
 
 
 class _memory_file:

@@ -34,9 +34,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from edge_agent.asn1 import DerError, _decode_oid, read_tlv
+from edge_agent.certfiles import load_certificates, read_file
 from edge_agent.config import BrokerConfig, IdentityConfig, secret_file_mode_problem
 from edge_agent.errors import IdentityError
-from edge_agent.identity import DeviceIdentity, load_certificates, read_file
+from edge_agent.identity import CredentialFiles, DeviceIdentity
+from edge_agent.identity_checks import ERROR, OK, CheckResult
 from edge_agent.pinning import pin_from_certificate, pin_from_spki_der
 from edge_agent.tls import create_client_context, load_client_certificate
 from edge_agent.tpm_provider import (
@@ -128,9 +130,12 @@ def _parse_tss2_der(der: bytes) -> Tss2Key:
     return Tss2Key(key_type=_decode_oid(oid), empty_auth=empty_auth, parent=int.from_bytes(value, "big"))
 
 
-def check_tpm_key_file(settings: IdentityConfig) -> Tss2Key:
-    """Check, without the TPM, that ``identity.key`` is a private, loadable TSS2 key blob."""
-    path = settings.key
+def check_tpm_key_file(path: Path, passphrase_setting: Optional[str] = None) -> Tss2Key:
+    """Check, without the TPM, that ``path`` is a private, loadable TSS2 key blob.
+
+    ``passphrase_setting`` names a configured passphrase setting, which a
+    TPM-held key cannot use.
+    """
     problem = secret_file_mode_problem(path) if path.exists() else None
     if problem:
         raise IdentityError(problem, str(path), "key-permissions")
@@ -151,13 +156,37 @@ def check_tpm_key_file(settings: IdentityConfig) -> Tss2Key:
             "provision the IDevID key with an empty authorization",
             str(path),
         )
-    if settings.key_passphrase_file is not None:
+    if passphrase_setting is not None:
         raise IdentityError(
-            "identity.key_passphrase_file: a TPM-held key has no passphrase; remove the setting",
-            str(settings.key_passphrase_file),
-            "key-passphrase",
+            f"{passphrase_setting}: a TPM-held key has no passphrase; remove the setting", str(path), "key-passphrase"
         )
     return key
+
+
+def _passphrase_setting(files: CredentialFiles) -> Optional[str]:
+    if files.key_passphrase_file is not None:
+        return f"{files.setting}.key_passphrase_file"
+    if files.key_passphrase_credential is not None:
+        return f"{files.setting}.key_passphrase_credential"
+    return None
+
+
+def check_tpm_key_match(files: CredentialFiles, leaf: x509.Certificate) -> CheckResult:
+    """Run the key-match check of identity validation for a TPM-held key; never raises.
+
+    The TPM signs a fresh nonce that the certificate's public key must verify,
+    which also shows that the TPM responds and accepts the blob.
+    """
+    try:
+        check_tpm_key_file(files.key, _passphrase_setting(files))
+        self_test(files.cert, files.key, files.tpm_tcti, leaf)
+    except IdentityError as exc:
+        return CheckResult("key-match", ERROR, str(exc), files.role)
+    return CheckResult(
+        "key-match", OK,
+        f"the TPM-held key {files.key} signed a nonce that the certificate's key verifies (TCTI {files.tpm_tcti})",
+        files.role,
+    )
 
 
 # --- the self-test --------------------------------------------------------------
@@ -166,14 +195,14 @@ def check_tpm_key_file(settings: IdentityConfig) -> Tss2Key:
 def self_test(
     cert_path: Path, key_path: Path, tcti: str, certificate: x509.Certificate, timeout_s: float = PROBE_TIMEOUT_S
 ) -> float:
-    """Check that the TPM responds, then sign a fresh nonce in it and verify it with the certificate's key.
+    """Sign a fresh nonce in the TPM and verify it with the certificate's key; return the seconds it took.
 
-    Returns the seconds it took. Raises TpmError whose ``cause`` names what is
-    wrong: no TPM, no resource manager, a blob this TPM cannot load, or a
-    certificate for another key. Each child process is bounded by ``timeout_s``.
+    Raises TpmError whose ``cause`` names what is wrong: no TPM, no resource
+    manager, a blob this TPM cannot load, or a certificate for another key.
+    Each child process is bounded by ``timeout_s``.
     """
     start = time.monotonic()
-    problem = tcti_problem(tcti) or probe_provider(tcti, timeout_s)
+    problem = tcti_problem(tcti)
     if problem is not None:
         raise problem
     sign_and_verify_nonce(cert_path, key_path, tcti, certificate, timeout_s)
@@ -204,6 +233,10 @@ def _sign_digest(key_path: Path, tcti: str, digest: bytes, timeout_s: float) -> 
     if result.returncode == 0 and result.stdout:
         return result.stdout
 
+    # A TPM that does not respond also makes the key unreadable, so the probe separates the two causes.
+    problem = probe_provider(tcti, timeout_s)
+    if problem is not None:
+        raise problem
     stderr = result.stderr.decode(errors="replace")
     if "Could not read private key" in stderr or "cannot load key" in stderr:
         raise TpmError(
@@ -460,7 +493,10 @@ def _status_steps(settings: IdentityConfig, timeout_s: float, report: Dict[str, 
     if problem is not None:
         raise problem
 
-    check_tpm_key_file(settings)
+    passphrase_setting = None
+    if settings.key_passphrase_file is not None or settings.key_passphrase_credential is not None:
+        passphrase_setting = "identity.key_passphrase_file or identity.key_passphrase_credential"
+    check_tpm_key_file(settings.key, passphrase_setting)
     certificate = load_certificates(settings.cert, "device certificate")[0]
     try:
         sign_and_verify_nonce(settings.cert, settings.key, settings.tpm_tcti, certificate, timeout_s)

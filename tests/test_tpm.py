@@ -310,6 +310,20 @@ def test_status_wrong_certificate(tpm_pki, tpm_idevid, soft_tpm, tpm_environment
     assert "does not belong to the TPM key" in status.message
 
 
+def test_identity_report_tpm_key_match(tpm_pki, tpm_idevid, soft_tpm, tpm_environment):
+    from edge_agent.identity import validate_identity
+
+    good = validate_identity(tpm_settings(tpm_idevid, tpm_pki, soft_tpm.tcti))
+    wrong = validate_identity(tpm_settings(tpm_idevid, tpm_pki, soft_tpm.tcti, cert=tpm_pki.pki.idevid_cert))
+
+    good_check = next(check for check in good.checks if check.id == "key-match")
+    wrong_check = next(check for check in wrong.checks if check.id == "key-match")
+    assert good.ok
+    assert "TPM-held key" in good_check.message
+    assert wrong_check.status == "error"
+    assert "does not belong to the TPM key" in wrong_check.message
+
+
 def test_status_for_file_key(tpm_pki):
     settings = IdentityConfig(cert=tpm_pki.pki.idevid_cert, key=tpm_pki.pki.idevid_key)
 
@@ -448,7 +462,7 @@ def test_tss2_blob_rejected(oid_body, empty_auth, message, tmp_path):
     path.chmod(0o600)
 
     with pytest.raises(TpmError, match=message):
-        check_tpm_key_file(IdentityConfig(key=path, key_source="tpm"))
+        check_tpm_key_file(path)
 
 
 def test_tss2_blob_damaged(tmp_path):
@@ -468,7 +482,7 @@ def test_tss2_blob_readable_by_group(tmp_path):
     path.chmod(0o640)
 
     with pytest.raises(IdentityError, match="chmod 600"):
-        check_tpm_key_file(IdentityConfig(key=path, key_source="tpm"))
+        check_tpm_key_file(path)
 
 
 # --- CSRs signed in the TPM ---------------------------------------------------------
