@@ -172,10 +172,11 @@ def _passphrase_setting(files: CredentialFiles) -> Optional[str]:
 
 
 def check_tpm_key_match(files: CredentialFiles, leaf: x509.Certificate) -> CheckResult:
-    """Run the key-match check of identity validation for a TPM-held key; never raises.
+    """Run the key-match check of identity validation for a TPM-held key.
 
     The TPM signs a fresh nonce that the certificate's public key must verify,
-    which also shows that the TPM responds and accepts the blob.
+    which also shows that the TPM responds and accepts the blob. A failure is
+    returned as an error result with the cause, not raised.
     """
     try:
         check_tpm_key_file(files.key, _passphrase_setting(files))
@@ -378,10 +379,10 @@ def refresh_tpm_context(broker: BrokerConfig, identity: DeviceIdentity, current:
 
     A TPM restart drops the key that ``current`` loaded, and a new context
     loads it again. While the TPM does not respond, the failure is logged and
-    ``current`` is kept for the next attempt. When a separate process can use
-    the key but this one cannot, because the provider lost its connection to
-    the resource manager, the TpmError is raised: only a restart of the agent
-    helps, and the spool keeps the telemetry until then.
+    ``current`` is kept for the next attempt. The TpmError is raised when a
+    separate process can use the key but this one cannot, because the
+    provider lost its connection to the resource manager. Only a restart of
+    the agent helps then, and the spool keeps the telemetry until it runs.
     """
     try:
         return create_client_context(broker, identity)
