@@ -23,6 +23,7 @@ from edge_agent.spool import Spool, milliseconds_since_boot
 from edge_agent.telemetry import SystemSampler, build_message, read_boot_id, telemetry_topic
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
+from edge_agent.tpm import refresh_tpm_context
 from edge_agent.uplink import Uplink
 from edge_agent.verify import Verifier
 
@@ -138,6 +139,9 @@ class Agent:
             return
         if self.uplink.connect():
             return
+        if self.identity.key_source == "tpm":
+            # A TPM restart leaves the key loaded into the old context unusable.
+            self._context = refresh_tpm_context(self.config.broker, self.identity, self._context)
         delay = self._reconnect_delay()
         logger.info("next connection attempt to %s in %.1f s", self.config.broker.host, delay)
         self._schedule.next_connect = time.monotonic() + delay

@@ -89,6 +89,9 @@ class IdentityConfig:
     key_types: Tuple[str, ...] = _key(("ec-p256", "ec-p384", "rsa-2048"), kind="choices", choices=KEY_TYPES)
     device_id_source: str = _key("auto", kind="enum", choices=DEVICE_ID_SOURCES)
     ldevid: Optional[LDevIDConfig] = _key(None, kind="table", section=LDevIDConfig)
+    # "tpm": identity.key is a TSS2 PRIVATE KEY blob that only the TPM behind tpm_tcti can use.
+    key_source: str = _key("file", kind="enum", choices=("file", "tpm"))
+    tpm_tcti: str = _key("device:/dev/tpmrm0", kind="str", fix="set the TPM's TCTI, e.g. 'device:/dev/tpmrm0'")
 
 
 @dataclass(frozen=True)
