@@ -205,6 +205,14 @@ def _proc_status(pid: int, field: str) -> float:
     return float("nan")
 
 
+def _pss_mb(pid: int) -> float:
+    """Return the proportional set size: shared library pages divided among the processes using them."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -232,10 +240,13 @@ def bench_memory(lab: Lab, folder: Path, count: int) -> dict:
                     break
         rss = _proc_status(process.pid, "VmRSS")
         peak = _proc_status(process.pid, "VmHWM")
+        anonymous = _proc_status(process.pid, "RssAnon")
+        pss = _pss_mb(process.pid)
     finally:
         process.terminate()
         process.wait(30)
-    return {"rss_mb": round(rss, 1), "rss_peak_mb": round(peak, 1), "memory_messages": count}
+    return {"rss_mb": round(rss, 1), "rss_peak_mb": round(peak, 1), "rss_anon_mb": round(anonymous, 1),
+            "pss_mb": round(pss, 1), "memory_messages": count}
 
 
 def bench_idle(lab: Lab, folder: Path, seconds: float) -> dict:
