@@ -61,7 +61,7 @@ def validate_identity(settings: IdentityConfig, device_id: Optional[str]) -> Ide
     state: dict = {}
     for name, step in _IDENTITY_STEP_FUNCTIONS:
         if steps and steps[-1].passed is not True:
-            steps.append(IdentityStep(name, None, f"not checked: the {steps[-1].name} step did not pass"))
+            steps.append(IdentityStep(name, None, f"the {steps[-1].name} step did not pass"))
             continue
         try:
             finding = step(settings, device_id, state)
@@ -161,6 +161,14 @@ def _describe_public_key(key) -> str:
 
 def load_certificates(path: Path) -> List[x509.Certificate]:
     return identity_module.load_certificates(path, "certificate file")
+
+
+def device_id_of(certificate: x509.Certificate) -> Optional[str]:
+    """Return the device id the certificate carries, or None when it has none."""
+    try:
+        return identity_module.extract_device_id(certificate)[0]
+    except IdentityError:
+        return None
 
 
 def has_no_expiration(certificate: x509.Certificate) -> bool:

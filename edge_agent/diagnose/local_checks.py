@@ -41,7 +41,7 @@ def _config_problems(problems: List[str]) -> CheckResult:
     remedy = "Fix each setting as its message says, then run 'edge-agent config check'."
     if len(problems) == 1:
         problem, fix = split_fix(problems[0])
-        return result("config", Status.ERROR, problem, fix or remedy)
+        return result("config", Status.ERROR, problem, f"{fix.rstrip('.')}. Then run 'edge-agent config check'." if fix else remedy)
     details = tuple(Detail("problem", line) for line in problems)
     return result("config", Status.ERROR, f"{len(problems)} problems in the configuration", remedy, details=details)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Tuple
 
 from edge_agent import __version__
-from edge_agent.diagnose import local_checks, network_checks, service_checks
+from edge_agent.diagnose import adapters, local_checks, network_checks, service_checks
 from edge_agent.diagnose.context import DiagnoseContext, result
 from edge_agent.diagnose.model import DEFAULT_TIMEOUT_S, CheckResult, Report, Status
 from edge_agent.diagnose.render import format_utc
@@ -75,19 +75,24 @@ def run_diagnosis(
     finally:
         ctx.close()
 
-    device_id = None
-    if ctx.config is not None:
-        device_id = ctx.config.device_id
-        if device_id is None and ctx.identity is not None and ctx.identity.identity is not None:
-            device_id = ctx.identity.identity.device_id
     return Report(
         results=tuple(results),
         version=__version__,
         generated_at=format_utc(now()),
         config_path=str(config_path),
-        device_id=device_id,
+        device_id=_device_id(ctx),
         offline=offline,
     )
+
+
+def _device_id(ctx: DiagnoseContext) -> Optional[str]:
+    if ctx.config is None:
+        return None
+    if ctx.config.device_id:
+        return ctx.config.device_id
+    if ctx.identity is not None and ctx.identity.certificate is not None:
+        return adapters.device_id_of(ctx.identity.certificate)
+    return None
 
 
 def _run_one(ctx: DiagnoseContext, check_id: str, check: Check) -> CheckResult:
