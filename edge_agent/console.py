@@ -2,8 +2,8 @@
 
 A technician with a serial cable gets a prompt that answers ``diagnose``,
 ``status``, ``identity``, ``pins``, ``thermal``, ``help`` and ``exit``. No
-command changes the configuration or prints key material: every answer is a
-rendering of the diagnose checks, which never read a key out.
+command changes the configuration or prints key material, because every
+command only renders diagnose checks, and those never print a key.
 
 The console survives what a real line does: ``LineEditor`` handles line ends,
 editing keys, bytes that are not UTF-8 and overlong input, and ``serve``
@@ -54,14 +54,14 @@ Nothing typed here changes the configuration."""
 
 @dataclass(frozen=True)
 class CommandOutput:
-    """A command's answer and whether the session ends after it."""
+    """The output of a command and whether the session ends after it."""
 
     text: str
     end_session: bool = False
 
 
 class ConsoleCommands:
-    """Runs console commands against one configuration file; each answer is printable ASCII."""
+    """Runs console commands against one configuration file; all output is printable ASCII."""
 
     def __init__(
         self,
@@ -90,8 +90,8 @@ class ConsoleCommands:
             "quit": lambda args: CommandOutput("session closed", end_session=True),
         }.get(command)
         if handler is None:
-            shown = "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in words[0][:40])
-            return CommandOutput(f"unknown command '{shown}'; type 'help' for the list of commands")
+            printable_name = "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in words[0][:40])
+            return CommandOutput(f"unknown command '{printable_name}'; type 'help' for the list of commands")
         try:
             return handler(arguments)
         except Exception as exc:  # a failing command must never end the console
@@ -284,7 +284,7 @@ class SerialConsole:
         try:
             port.write(data)
         except serial.SerialTimeoutException:
-            # Flow control held the line for WRITE_TIMEOUT_S: nobody reads it. Drop the output.
+            # Flow control held the line for WRITE_TIMEOUT_S, so no one reads the port. Drop the output.
             self._log.warning("write", f"serial console: output to {self.port_name} timed out; dropped {len(data)} bytes")
 
 

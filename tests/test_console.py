@@ -124,7 +124,7 @@ class Terminal:
     """The technician's end of a pseudo-terminal; the console opens the other end by path."""
 
     def __init__(self) -> None:
-        # The slave stays open here too: reading a master whose slave nobody holds fails with EIO.
+        # The test keeps the slave open too, because reading a master with no open slave fails with EIO.
         self.master, self._slave = os.openpty()
         self.device = os.ttyname(self._slave)
         self.received = b""

@@ -493,7 +493,7 @@ def test_reset_during_handshake(tcp_server, write_config):
 
 
 def test_silent_server_times_out(write_config):
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts in the kernel, never answers
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nothing ever responds
         started = time.monotonic()
 
         report = diagnose(write_config(silent.getsockname()[1]), only=NETWORK, timeout_s=1.0)

@@ -1,4 +1,4 @@
-"""``edge-agent diagnose``: check the gateway step by step and say what to fix."""
+"""``edge-agent diagnose``: check the gateway step by step and show what to fix."""
 
 import argparse
 import sys

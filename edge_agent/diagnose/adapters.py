@@ -50,9 +50,6 @@ class IdentityOutcome:
     identity: Optional[DeviceIdentity]
 
 
-IDENTITY_STEPS = ("cert", "key-mode", "key", "key-match", "chain", "device-id")
-
-
 def validate_identity(settings: IdentityConfig, device_id: Optional[str]) -> IdentityOutcome:
     """Run each identity check of ``load_identity`` on its own, so that every step gets a result."""
     # NOTE: calls the step functions of edge_agent.identity one by one; a

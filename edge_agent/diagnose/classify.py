@@ -1,6 +1,6 @@
 """Connection failures sorted into the classes a field technician acts on, each with its remedy.
 
-A class says what went wrong in the terms of the job at hand (the broker's
+A class names what went wrong in the terms of the job at hand (the broker's
 chain is not trusted, nothing listens on the port, the broker rejected the
 device certificate), not in OpenSSL's words. The OpenSSL reason stays
 available as the detail of the finding.

@@ -48,7 +48,7 @@ TITLES = {
 
 @dataclass
 class TlsOutcome:
-    """What the TLS check learned, for the pin, expiry and MQTT checks after it."""
+    """Results of the TLS check that the pin, expiry and MQTT checks build on."""
 
     handshake_ok: bool
     failure: Optional[FailureClass] = None
@@ -56,7 +56,6 @@ class TlsOutcome:
     version: str = ""
     cipher: str = ""
     chain: List[x509.Certificate] = field(default_factory=list)
-    chain_verified: bool = False
     matched_pin: Optional[Pin] = None
     pin_checked: bool = False
     pins_enforced: bool = True
@@ -74,9 +73,7 @@ class DiagnoseContext:
     config: Optional[AgentConfig] = None
     identity: Optional[IdentityOutcome] = None
     addresses: List[tuple] = field(default_factory=list)
-    address_error: Optional[str] = None
     connected_socket: Optional[socket.socket] = None
-    tcp_error: Optional[str] = None
     tls: Optional[TlsOutcome] = None
     agent_state: Optional[AgentState] = None
     agent_running: Optional[bool] = None

@@ -28,7 +28,7 @@ class Detail:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What one check found and, unless it passed, what the technician should do."""
+    """The finding of one check and, unless it passed, the remedy for the technician."""
 
     id: str
     title: str

@@ -27,8 +27,8 @@ from edge_agent.diagnose.service_checks import agent_holds_session
 from edge_agent.errors import EdgeAgentError
 from edge_agent.pinning import Pin, PinMismatchError, pin_from_certificate
 
-# After a TLS 1.3 handshake the broker checks the client certificate and
-# rejects it with an alert; this is how long the TLS check listens for one.
+# With TLS 1.3 the broker checks the client certificate after the handshake
+# and sends an alert when it rejects it. The TLS check waits this long for one.
 CLIENT_CERT_VERDICT_S = 1.5
 MAX_ADDRESSES = 4
 
@@ -64,7 +64,7 @@ def check_resolve(ctx: DiagnoseContext) -> CheckResult:
         infos = _getaddrinfo_bounded(host, port, ctx.timeout_s)
     except TimeoutError:
         return result(
-            "broker.resolve", Status.ERROR, f"no DNS answer for {host} within {ctx.timeout_s:g} s",
+            "broker.resolve", Status.ERROR, f"no DNS response for {host} within {ctx.timeout_s:g} s",
             failure=classify.TIMED_OUT,
         )
     except OSError as exc:
@@ -107,7 +107,7 @@ def _getaddrinfo_bounded(host: str, port: int, timeout_s: float) -> list:
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        raise TimeoutError(f"no answer for {host} within {timeout_s:g} s")
+        raise TimeoutError(f"no DNS response for {host} within {timeout_s:g} s")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["infos"]
@@ -173,7 +173,7 @@ def check_tls(ctx: DiagnoseContext) -> CheckResult:
         tls_sock = context.wrap_socket(sock, server_hostname=broker.host)
     except PinMismatchError as exc:
         sock.close()
-        ctx.tls = TlsOutcome(handshake_ok=True, chain_verified=True, pin_checked=True, presented_pins=exc.presented)
+        ctx.tls = TlsOutcome(handshake_ok=True, pin_checked=True, presented_pins=exc.presented)
         ctx.tls.chain = _presented_chain(ctx, peer)
         finding = (
             f"the chain is verified for {broker.tls_server_name} against broker.ca_file; "
@@ -213,7 +213,6 @@ def _verified_outcome(ctx: DiagnoseContext, tls_sock: ssl.SSLSocket) -> TlsOutco
         version=tls_sock.version() or "",
         cipher=cipher[0] if cipher else "",
         chain=chain,
-        chain_verified=True,
         pin_checked=True,
         pins_enforced=pin_set.enforced(ctx.now().date()),
         matched_pin=pin_set.first_match(presented),
@@ -225,7 +224,7 @@ def _client_certificate_verdict(tls_sock: ssl.SSLSocket) -> Optional[str]:
     """Listen briefly after the handshake; return why the broker rejected the client, or None.
 
     With TLS 1.3 the broker checks the client certificate after the client has
-    finished its handshake and answers a rejection with an alert. A broker that
+    finished its handshake, and sends an alert when it rejects it. A broker that
     accepted it waits silently for CONNECT, which this check never sends.
     """
     if tls_sock.version() != "TLSv1.3":

@@ -147,8 +147,8 @@ def check_service(ctx: DiagnoseContext) -> CheckResult:
 
 def _not_running(state: AgentState, details: tuple) -> CheckResult:
     since = format_timestamp(state.updated)
-    how = "stopped cleanly" if state.state == "stopped" else f"gone without a clean stop (last state {state.state})"
-    finding = f"the agent is not running: {how} at {since}; {_last_publish_text(state)}"
+    ending = "stopped cleanly" if state.state == "stopped" else f"gone without a clean stop (last state {state.state})"
+    finding = f"the agent is not running: {ending} at {since}; {_last_publish_text(state)}"
     if state.last_error:
         details += (Detail("error", state.last_error),)
     return result("service", Status.ERROR, finding, RESTART_HINT, details=details)
