@@ -194,6 +194,8 @@ def process_is_agent(pid: int, proc_root: Path = Path("/proc")) -> bool:
     """
     if pid <= 0:
         return False
+    if pid == os.getpid():
+        return True  # the console inside the service reads the state file of its own process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

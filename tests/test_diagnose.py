@@ -125,6 +125,16 @@ def wait_for_state(config_dir: Path, predicate, timeout_s: float = 30.0) -> dict
     raise AssertionError(f"agent state file {path} never matched")
 
 
+def wait_for_log(broker: DevBroker, text: str, timeout_s: float = 10.0) -> str:
+    """Return the broker log once it contains ``text`` (Mosquitto logs a moment after the client acts)."""
+    deadline = time.monotonic() + timeout_s
+    log = broker.log()
+    while text not in log and time.monotonic() < deadline:
+        time.sleep(0.05)
+        log = broker.log()
+    return log
+
+
 @pytest.fixture
 def running_agent(broker, write_config, agent_command, fake_sysfs, tmp_path) -> Iterator[Path]:
     """A healthy gateway: the agent runs, connected to a real Mosquitto, and has published."""
@@ -345,7 +355,7 @@ def test_healthy_broker_connect_accepted(broker, write_config, pki):
     assert "pin 1 of 2" in report.result("broker.pin").finding
     assert "pin 2" in report.result("pins.backup").finding
     assert "accepted; disconnected cleanly" in report.result("mqtt.connect").finding
-    log = broker.log()
+    log = wait_for_log(broker, f"Received DISCONNECT from {pki.device_serial}")
     assert f"Received DISCONNECT from {pki.device_serial}" in log
     assert f"Received PUBLISH from {pki.device_serial}" not in log
 

@@ -250,8 +250,13 @@ def read_spool_stats(settings: SpoolConfig, now: float) -> Optional[SpoolStats]:
     """
     # NOTE: mirrors Spool.stats() because Spool() creates and repairs the file on open.
     path = settings.path
-    if not path.exists():
-        return None
+    try:
+        if not path.exists():
+            return None
+    except OSError as exc:
+        raise EdgeAgentError(
+            f"{path}: cannot look at the spool: {exc.strerror}; run diagnose as root or as the agent's user"
+        ) from None
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:

@@ -74,6 +74,7 @@ class DiagnoseContext:
     identity: Optional[IdentityOutcome] = None
     addresses: List[tuple] = field(default_factory=list)
     connected_socket: Optional[socket.socket] = None
+    peer: Optional[tuple] = None
     tls: Optional[TlsOutcome] = None
     agent_state: Optional[AgentState] = None
     agent_running: Optional[bool] = None

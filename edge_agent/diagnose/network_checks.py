@@ -140,7 +140,7 @@ def check_tcp(ctx: DiagnoseContext) -> CheckResult:
             last_error = exc
             failures.append(Detail("failed", f"{_endpoint(address)}: {classify.describe_error(exc)}"))
             continue
-        ctx.connected_socket = sock
+        ctx.connected_socket, ctx.peer = sock, address
         elapsed_ms = (time.monotonic() - started) * 1000
         return ok("broker.tcp", f"connected to {_endpoint(address)} in {elapsed_ms:.0f} ms", tuple(failures))
 
@@ -165,9 +165,16 @@ def check_tls(ctx: DiagnoseContext) -> CheckResult:
     broker = ctx.config.broker
     identity = ensure_identity(ctx).identity
     sock, ctx.connected_socket = ctx.connected_socket, None
-    peer = sock.getpeername()
+    peer = ctx.peer
     sock.settimeout(ctx.timeout_s)
-    context = adapters.client_context(broker, identity)
+    try:
+        context = adapters.client_context(broker, identity)
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        return result(
+            "broker.tls", Status.ERROR, f"cannot load broker.ca_file {broker.ca_file}: {classify.describe_error(exc)}",
+            "Point broker.ca_file at the PEM file of the CA that issued the broker certificate.",
+        )
 
     try:
         tls_sock = context.wrap_socket(sock, server_hostname=broker.host)
