@@ -4,6 +4,7 @@ One thread runs the loop; paho's network thread only hands acknowledgements
 and connection events back through thread-safe queues and events.
 """
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -13,10 +14,11 @@ from typing import Optional
 
 from edge_agent import __version__
 from edge_agent.agentstate import AgentStateWriter, state_file_path
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, load_config
 from edge_agent.entropy import EntropyGate
-from edge_agent.errors import SpoolError
+from edge_agent.errors import EdgeAgentError, SpoolError
 from edge_agent.identity import DeviceIdentity, load_identity
+from edge_agent.sdnotify import Notifier
 from edge_agent.spool import Spool
 from edge_agent.telemetry import SystemSampler, build_message, read_boot_id, telemetry_topic
 from edge_agent.thermal import ThermalGovernor
@@ -40,8 +42,11 @@ class _Schedule:
 class Agent:
     """Owns the spool, the uplink and the periodic jobs of one ``edge-agent run``."""
 
-    def __init__(self, config: AgentConfig, identity: Optional[DeviceIdentity] = None) -> None:
+    def __init__(
+        self, config: AgentConfig, identity: Optional[DeviceIdentity] = None, notifier: Optional[Notifier] = None
+    ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier()
         self.identity = identity or load_identity(config.identity, config.device_id)
         self.device_id = config.device_id or self.identity.device_id
         self.boot_id = read_boot_id()
@@ -49,6 +54,7 @@ class Agent:
         self.topic = telemetry_topic(config.telemetry.topic_prefix, self.device_id)
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
         self.spool_write_failures = 0
 
         self.spool = Spool(
@@ -151,7 +157,10 @@ class Agent:
             schedule.next_sample = max(schedule.next_sample + self.config.telemetry.interval_s, now)
 
         was_connected = self.uplink.state == "connected"
-        self.uplink.pump()
+        try:
+            self.uplink.pump()
+        except SpoolError as exc:
+            logger.error("spool error while draining to %s: %s", self.config.broker.host, exc)
         self._after_pump(was_connected)
         self.state_file.update(self.uplink.state, self.uplink.last_publish_ack, self.uplink.last_error)
 
@@ -175,23 +184,84 @@ class Agent:
             )
         end = None if duration_s is None else time.monotonic() + duration_s
         self._schedule = _Schedule(next_sample=time.monotonic())
+        # Ready once configuration and identity are loaded: an offline gateway is still a working agent.
+        self.notifier.ready(self.status_line())
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if end is not None and now >= end:
                     break
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
                 timeout = self.step(now)
+                # Reaching this line means the loop made progress, so the watchdog may be fed.
+                self.notifier.watchdog()
+                self.notifier.status(self.status_line())
                 self.wake.wait(timeout)
                 self.wake.clear()
         finally:
             self.shutdown()
 
+    def status_line(self) -> str:
+        thermal = self.thermal.to_dict()
+        temperature = "n/a" if thermal["temperature_c"] is None else f"{thermal['temperature_c']} C"
+        return (
+            f"{self.uplink.state} to {self.config.broker.host}:{self.config.broker.port}; "
+            f"thermal {thermal['state']} ({temperature}); spool {self.spool.depth} queued"
+        )
+
     def stop(self, *_args) -> None:
         self.stopping.set()
         self.wake.set()
 
+    def request_reload(self, *_args) -> None:
+        self.reload_requested.set()
+        self.wake.set()
+
+    def reload(self) -> bool:
+        """Apply a re-read configuration, or keep the running one when the new one is invalid.
+
+        The spool stays open with its old settings: a new spool path or bound
+        takes effect at the next restart. A live session is dropped so that
+        the new pins and identity are checked by a fresh handshake.
+        """
+        source = self.config.source
+        logger.info("reloading configuration from %s", source)
+        self.notifier.reloading()
+        try:
+            config = load_config(source)
+            identity = load_identity(config.identity, config.device_id)
+            context = create_client_context(config.broker, identity)
+        except EdgeAgentError as exc:
+            logger.error("reload rejected, the running configuration stays in force: %s", exc)
+            self.notifier.ready(self.status_line())
+            return False
+
+        if config.spool != self.config.spool:
+            logger.warning("spool settings in %s changed; they take effect at the next restart", source)
+            config = dataclasses.replace(config, spool=self.config.spool)
+        self._apply(config, identity, context)
+        logger.info("configuration reloaded from %s (device %s, broker %s:%d)", source, self.device_id, config.broker.host, config.broker.port)
+        self.notifier.ready(self.status_line())
+        return True
+
+    def _apply(self, config: AgentConfig, identity: DeviceIdentity, context) -> None:
+        self.config = config
+        self.identity = identity
+        self._context = context
+        self.device_id = config.device_id or identity.device_id
+        self.topic = telemetry_topic(config.telemetry.topic_prefix, self.device_id)
+        self.thermal.settings = config.thermal
+        self.thermal.reader.settings = config.thermal
+        self.entropy.settings = config.entropy
+        self.backoff.settings = config.reconnect
+        self.uplink.reconfigure(config.broker, self.device_id, config.telemetry.topic_prefix)
+        self._schedule.next_connect = time.monotonic()
+
     def shutdown(self) -> None:
         logger.info("edge-agent stopping: %d messages stay in the spool", self.spool.depth)
+        self.notifier.stopping()
         if self.console is not None:
             self.console.stop()
         try:
@@ -199,9 +269,11 @@ class Agent:
         finally:
             self.state_file.stopped(self.uplink.last_publish_ack, self.uplink.last_error)
             self.spool.close()
+            self.notifier.close()
         logger.info("edge-agent stopped")
 
 
 def install_signal_handlers(agent: Agent) -> None:
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
+    signal.signal(signal.SIGHUP, agent.request_reload)

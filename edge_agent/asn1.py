@@ -15,6 +15,9 @@ MASA_URL_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.32")
 _SEQUENCE = 0x30
 _OID = 0x06
 _OCTET_STRING = 0x04
+_IA5_STRING = 0x16
+_UTF8_STRING = 0x0C
+_STRING_TYPES = {_IA5_STRING: "IA5String", 0x13: "PrintableString", _UTF8_STRING: "UTF8String"}
 
 
 class DerError(ValueError):
@@ -122,6 +125,28 @@ def decode_hardware_module_name(value: bytes) -> HardwareModuleName:
     if tag != _OCTET_STRING:
         raise DerError(f"hwSerialNum must be an OCTET STRING, found tag 0x{tag:02x}")
     return HardwareModuleName(_decode_oid(oid_body), serial)
+
+
+def encode_ia5_string(text: str) -> bytes:
+    return _tlv(_IA5_STRING, text.encode("ascii"))
+
+
+def decode_text(value: bytes) -> Tuple[str, str]:
+    """Decode a DER string that fills ``value`` exactly; return its ASN.1 type name and its text.
+
+    IA5String, PrintableString and UTF8String are accepted, because published
+    certificates use UTF8String where a specification requires IA5String.
+    """
+    tag, body, end = read_tlv(value)
+    if end != len(value):
+        raise DerError(f"{len(value) - end} bytes follow the string")
+    type_name = _STRING_TYPES.get(tag)
+    if type_name is None:
+        raise DerError(f"expected an IA5String, PrintableString or UTF8String, found tag 0x{tag:02x}")
+    try:
+        return type_name, body.decode("utf-8" if tag == _UTF8_STRING else "ascii")
+    except UnicodeDecodeError:
+        raise DerError(f"the {type_name} contains bytes its type does not allow") from None
 
 
 def hardware_module_name_san(hw_type: str, hw_serial: bytes) -> x509.OtherName:

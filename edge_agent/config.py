@@ -51,9 +51,29 @@ def _key(default: Any = _MISSING, *, kind: str, fix: str = "", **options: Any) -
     return field(default=default, metadata=metadata)
 
 
+# Key types a device certificate may carry; "rsa-N" accepts RSA keys of N bits or more.
+KEY_TYPES = ("ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519", "ed448")
+DEVICE_ID_SOURCES = ("auto", "subject-serial", "hardware-module-name", "common-name")
+
+
+@dataclass(frozen=True)
+class LDevIDConfig:
+    """A locally significant device identity (LDevID) issued by the owner, used for TLS instead of the IDevID.
+
+    Its files are checked when the identity is loaded, not here: a gateway
+    configured for an LDevID that is not enrolled yet still starts on its IDevID.
+    """
+
+    cert: Path = _key(kind="path", fix="point it at the LDevID certificate (PEM or DER)")
+    key: Path = _key(kind="path", fix="point it at the LDevID private key")
+    trust_anchors: Tuple[Path, ...] = _key(kind="files", fix="list the owner CA certificate files that issued the LDevID")
+    key_passphrase_file: Optional[Path] = _key(None, kind="path?", fix="point it at a file that contains only the passphrase")
+    key_passphrase_credential: Optional[str] = _key(None, kind="credential?")
+
+
 @dataclass(frozen=True)
 class IdentityConfig:
-    """The device certificate (IDevID), its private key and the manufacturer trust anchors."""
+    """The device certificate (IDevID), its private key, the manufacturer trust anchors and the checks applied."""
 
     cert: Path = _key(Path("/etc/edge-agent/idevid.pem"), kind="file", fix="point it at the device certificate (PEM or DER)")
     key: Path = _key(Path("/etc/edge-agent/idevid.key"), kind="file", fix="point it at the device private key")
@@ -63,7 +83,12 @@ class IdentityConfig:
         fix="list the manufacturer CA certificate files that issued the IDevID",
     )
     key_passphrase_file: Optional[Path] = _key(None, kind="file?", fix="point it at a file that contains only the passphrase")
+    # The name of a systemd credential (LoadCredential=NAME:...) that contains the passphrase.
+    key_passphrase_credential: Optional[str] = _key(None, kind="credential?")
     strict_time: bool = _key(False, kind="bool")
+    key_types: Tuple[str, ...] = _key(("ec-p256", "ec-p384", "rsa-2048"), kind="choices", choices=KEY_TYPES)
+    device_id_source: str = _key("auto", kind="enum", choices=DEVICE_ID_SOURCES)
+    ldevid: Optional[LDevIDConfig] = _key(None, kind="table", section=LDevIDConfig)
 
 
 @dataclass(frozen=True)
@@ -378,6 +403,39 @@ def _as_pins(value, key, meta, base_dir, problems, fix):
     return pins
 
 
+def _as_credential(value, key, meta, base_dir, problems, fix):
+    text = _as_str(value, key, meta, base_dir, problems, fix)
+    if text is _INVALID:
+        return text
+    if "/" in text or text in (".", ".."):
+        problems.add(key, f"invalid credential name {value!r}", "use the NAME of LoadCredential=NAME:PATH in the unit, without '/'")
+        return _INVALID
+    return text
+
+
+def _as_choices(value, key, meta, base_dir, problems, fix):
+    choices = meta["choices"]
+    listed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, list) or not value:
+        problems.add(key, f"expected a non-empty list, got {_type_name(value)} {value!r}", f"list some of {listed}")
+        return _INVALID
+    unknown = [item for item in value if item not in choices]
+    if unknown:
+        problems.add(key, f"invalid value {unknown[0]!r}", f"use some of {listed}")
+        return _INVALID
+    return tuple(dict.fromkeys(value))
+
+
+def _as_table(value, key, meta, base_dir, problems, fix):
+    if not isinstance(value, dict):
+        problems.add(key, f"expected a table, got {_type_name(value)} {value!r}", f"write it as a [{key}] section")
+        return _INVALID
+    # Every key of a nested table comes from the file that set the table.
+    base_dirs = {f"{key}.{name}": base_dir for name in value}
+    section = _build_section(meta["section"], key, value, base_dirs, problems)
+    return _INVALID if section is None else section
+
+
 _CONVERTERS: Dict[str, Callable[..., Any]] = {
     "str": _as_str,
     "host": _as_host,
@@ -392,6 +450,9 @@ _CONVERTERS: Dict[str, Callable[..., Any]] = {
     "date": _as_date,
     "topic": _as_topic,
     "pins": _as_pins,
+    "credential": _as_credential,
+    "choices": _as_choices,
+    "table": _as_table,
 }
 
 

@@ -14,14 +14,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.asn1 import hardware_module_name_san
+from edge_agent.asn1 import MASA_URL_OID, encode_ia5_string, hardware_module_name_san
 from edge_agent.identity import NO_EXPIRATION
 from edge_agent.pinning import Pin, pin_from_public_key
 
@@ -54,10 +55,15 @@ def new_key(kind: str = "ec-p256"):
     raise ValueError(f"unknown key kind {kind!r}; use ec-p256, ec-p384, rsa-2048, rsa-3072 or rsa-4096")
 
 
-def _name(common_name: str, serial_number: Optional[str] = None, organization: str = "edge-agent development") -> x509.Name:
+def _name(
+    common_name: str,
+    serial_number: Optional[str] = None,
+    organization: str = "edge-agent development",
+    serial_type: Optional[_ASN1Type] = None,
+) -> x509.Name:
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)]
     if serial_number is not None:
-        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
+        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number, _type=serial_type))
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     return x509.Name(attributes)
 
@@ -72,8 +78,16 @@ def make_ca(
     not_before: Optional[datetime.datetime] = None,
     not_after: Optional[datetime.datetime] = None,
     issuer: Optional[Issued] = None,
+    basic_constraints_critical: bool = True,
+    key_identifiers: bool = True,
+    path_length: Optional[int] = None,
 ) -> Issued:
-    """Create a CA certificate with critical basicConstraints and keyUsage, self-signed unless ``issuer`` is given."""
+    """Create a CA certificate, self-signed unless ``issuer`` is given.
+
+    The defaults follow RFC 5280: critical basicConstraints and keyUsage and
+    both key identifiers. Published manufacturer CAs often lack the last two
+    or mark basicConstraints non-critical, which the options reproduce.
+    """
     key = key or new_key()
     not_before = not_before or _now() - datetime.timedelta(days=1)
     not_after = not_after or not_before + datetime.timedelta(days=3650)
@@ -88,7 +102,7 @@ def make_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=basic_constraints_critical)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -96,10 +110,11 @@ def make_ca(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
-    authority = issuer.key.public_key() if issuer else public_key
-    builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority), critical=False)
+    if key_identifiers:
+        authority = issuer.key.public_key() if issuer else public_key
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority), critical=False)
     return Issued(builder.sign(signer_key, hashes.SHA256()), key)
 
 
@@ -139,6 +154,17 @@ def issue_server_cert(
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+DIGITAL_SIGNATURE_ONLY = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+    key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+)
+
+
+def masa_url_extension(url: str) -> x509.UnrecognizedExtension:
+    """Return the BRSKI MASA URL extension (an IA5String, usually host[:port])."""
+    return x509.UnrecognizedExtension(MASA_URL_OID, encode_ia5_string(url))
+
+
 def issue_idevid(
     ca: Issued,
     serial_number: str,
@@ -148,32 +174,49 @@ def issue_idevid(
     not_after: datetime.datetime = NO_EXPIRATION,
     not_before: Optional[datetime.datetime] = None,
     common_name: Optional[str] = None,
+    subject: Optional[x509.Name] = None,
+    serial_string_type: Optional[_ASN1Type] = None,
+    san_critical: bool = False,
+    authority_key_id: bool = True,
+    key_usage: Optional[x509.KeyUsage] = DIGITAL_SIGNATURE_ONLY,
+    extended_key_usage: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
+    masa_url: Optional[str] = None,
+    extra_extensions: Sequence[Tuple[x509.ExtensionType, bool]] = (),
 ) -> Issued:
-    """Issue an IDevID: subject serialNumber, HardwareModuleName SAN, no expiration by default."""
+    """Issue an IDevID: subject serialNumber, HardwareModuleName SAN, no expiration by default.
+
+    The options produce the variants that published IDevIDs show: a serial
+    in another string type (``serial_string_type``), an empty ``subject``
+    with a critical SAN, no authorityKeyIdentifier, no keyUsage
+    (``key_usage=None``), a MASA URL, and extra ``(extension, critical)`` pairs.
+    """
     key = key or new_key()
     not_before = not_before or _now() - datetime.timedelta(days=1)
     hw_serial = serial_number.encode("ascii") if hw_serial is None else hw_serial
+    if subject is None:
+        subject = _name(common_name or serial_number, serial_number=serial_number, serial_type=serial_string_type)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name or serial_number, serial_number=serial_number))
+        .subject_name(subject)
         .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([hardware_module_name_san(hw_type, hw_serial)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([hardware_module_name_san(hw_type, hw_serial)]), critical=san_critical)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
+    if extended_key_usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(extended_key_usage)), critical=False)
+    if authority_key_id:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    if masa_url is not None:
+        builder = builder.add_extension(masa_url_extension(masa_url), critical=False)
+    for extension, critical in extra_extensions:
+        builder = builder.add_extension(extension, critical=critical)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 

@@ -1,41 +1,62 @@
-"""The gateway's IEEE 802.1AR identity: IDevID certificate, private key, trust anchors.
+"""The gateway's IEEE 802.1AR identity: the IDevID, an optional LDevID, and which one TLS presents.
 
-Loading checks what the TLS client certificate needs: the files parse, the
-key file is private to its owner, the key matches the certificate, and the
-certificate chains to a configured manufacturer trust anchor by name and
-signature. Real IDevIDs break many Web-PKI rules (no authorityKeyIdentifier,
-non-critical CA basicConstraints), so the chain is walked with
-``verify_directly_issued_by`` and explicit checks instead of a Web-PKI
-verifier.
+``validate_identity`` runs every check on every configured credential and
+returns a report; it never raises for bad certificates or keys.
+``load_identity`` uses that report to pick the TLS client certificate: the
+LDevID when one is configured and passes every check, otherwise the IDevID,
+and it logs why it fell back. The checks themselves live in
+``identity_checks``, file loading in ``certfiles``.
 """
 
 import datetime
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
-from cryptography.x509.oid import NameOID
 
-from edge_agent.config import IdentityConfig, secret_file_mode_problem
+from edge_agent.certfiles import load_certificates, load_private_key, read_file, read_passphrase  # noqa: F401
+from edge_agent.config import IdentityConfig
 from edge_agent.errors import IdentityError
+from edge_agent.identity_checks import (  # noqa: F401
+    CHECK_IDS,
+    ERROR,
+    NO_EXPIRATION,
+    OK,
+    SKIPPED,
+    WARNING,
+    ChainOutcome,
+    CheckResult,
+    TrustAnchor,
+    check_chain,
+    check_identity,
+    check_key_match,
+    check_leaf,
+    check_time,
+    has_no_expiration,
+    is_issued_by,
+    make_clock,
+    public_keys_equal,
+)
+from edge_agent.identity_fields import choose_device_id, fingerprint, name_text, read_identity_fields
+from edge_agent.identity_report import CredentialReport, IdentityReport
 from edge_agent.pinning import Pin, pin_from_certificate
 
 logger = logging.getLogger(__name__)
 
-# RFC 5280 4.1.2.5: this notAfter value means "no well-defined expiration".
-NO_EXPIRATION = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
-
-_PEM_CERT_BEGIN = b"-----BEGIN CERTIFICATE-----"
+IDEVID = "IDevID"
+LDEVID = "LDevID"
 
 
 @dataclass(frozen=True)
 class DeviceIdentity:
-    """A loaded and checked device identity, ready to be the TLS client certificate."""
+    """A loaded and checked device identity, ready to be the TLS client certificate.
+
+    ``chain`` contains the intermediate CA certificates sent with the leaf.
+    ``role`` is ``IDevID`` or ``LDevID``; ``report`` is the validation that
+    chose this credential, when ``load_identity`` built the object.
+    """
 
     cert_path: Path
     key_path: Path
@@ -44,14 +65,21 @@ class DeviceIdentity:
     device_id: str
     device_id_source: str
     key_passphrase: Optional[bytes] = None
+    role: str = IDEVID
+    report: Optional[IdentityReport] = field(default=None, compare=False)
 
     @property
     def subject(self) -> str:
-        return self.certificate.subject.rfc4514_string()
+        return name_text(self.certificate, "subject")
 
     @property
     def pin(self) -> Pin:
         return pin_from_certificate(self.certificate)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the whole DER certificate, as colon-separated hex."""
+        return fingerprint(self.certificate)
 
     @property
     def not_after(self) -> datetime.datetime:
@@ -63,224 +91,257 @@ class DeviceIdentity:
 
     def __repr__(self) -> str:
         # The passphrase must not reach logs through a repr.
-        return f"DeviceIdentity(device_id={self.device_id!r}, subject={self.subject!r}, cert_path='{self.cert_path}')"
-
-
-def has_no_expiration(certificate: x509.Certificate) -> bool:
-    return certificate.not_valid_after_utc == NO_EXPIRATION
-
-
-def read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise IdentityError(f"{path}: {what} not found; fix identity settings in the configuration", str(path)) from None
-    except PermissionError:
-        raise IdentityError(f"{path}: {what} is not readable by this user; fix its owner or mode", str(path)) from None
-    except IsADirectoryError:
-        raise IdentityError(f"{path}: {what} is a directory, expected a file", str(path)) from None
-
-
-def load_certificates(path: Path, what: str = "certificate file") -> "list[x509.Certificate]":
-    """Load every certificate of a PEM bundle or one DER certificate."""
-    data = read_file(path, what)
-    if b"PRIVATE KEY-----" in data:
-        raise IdentityError(
-            f"{path}: the {what} contains a private key; keep the key in its own file with mode 0600 "
-            "and set identity.key to it",
-            str(path),
-        )
-    try:
-        if _PEM_CERT_BEGIN in data:
-            certificates = x509.load_pem_x509_certificates(data)
-        else:
-            certificates = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
-        raise IdentityError(f"{path}: cannot parse the {what} as PEM or DER X.509: {exc}", str(path)) from None
-    if not certificates:
-        raise IdentityError(f"{path}: the {what} contains no certificate", str(path))
-    return certificates
-
-
-def read_passphrase(path: Optional[Path]) -> Optional[bytes]:
-    """Read a key passphrase from a file; one trailing newline is not part of it."""
-    if path is None:
-        return None
-    problem = secret_file_mode_problem(path) if path.exists() else None
-    if problem:
-        raise IdentityError(problem, str(path), "key-permissions")
-    data = read_file(path, "key passphrase file")
-    return data[:-1] if data.endswith(b"\n") else data
-
-
-def load_private_key(path: Path, passphrase: Optional[bytes] = None):
-    """Load a PEM or DER private key, refusing a file that others can read."""
-    problem = secret_file_mode_problem(path) if path.exists() else None
-    if problem:
-        raise IdentityError(problem, str(path), "key-permissions")
-
-    data = read_file(path, "private key")
-    loader = serialization.load_pem_private_key if b"-----BEGIN" in data else serialization.load_der_private_key
-    try:
-        return loader(data, password=passphrase)
-    except TypeError as exc:
-        if passphrase is None:
-            raise IdentityError(
-                f"{path}: the private key is encrypted and no passphrase is configured; set "
-                "identity.key_passphrase_file to a file that contains the passphrase",
-                str(path),
-                "key-load",
-            ) from None
-        raise IdentityError(f"{path}: the private key is not encrypted but a passphrase is configured: {exc}", str(path), "key-load") from None
-    except ValueError:
-        # The cryptography message can quote the parse state; the passphrase itself never reaches it.
-        hint = "the passphrase is wrong or " if passphrase is not None else ""
-        raise IdentityError(
-            f"{path}: cannot load the private key: {hint}the file is not a PEM or DER private key", str(path), "key-load"
-        ) from None
-    except UnsupportedAlgorithm as exc:
-        raise IdentityError(f"{path}: unsupported private key algorithm: {exc}", str(path), "key-load") from None
-
-
-def public_keys_equal(first, second) -> bool:
-    encoding, fmt = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return first.public_bytes(encoding, fmt) == second.public_bytes(encoding, fmt)
-
-
-def check_key_matches(certificate: x509.Certificate, private_key, cert_path: Path, key_path: Path) -> None:
-    if not public_keys_equal(certificate.public_key(), private_key.public_key()):
-        raise IdentityError(
-            f"{key_path}: the private key does not belong to the certificate {cert_path} "
-            f"(subject {certificate.subject.rfc4514_string()}); install the key that was issued with it",
-            str(key_path),
-            "key-match",
+        return (
+            f"DeviceIdentity(role={self.role!r}, device_id={self.device_id!r}, subject={self.subject!r}, "
+            f"cert_path='{self.cert_path}')"
         )
 
 
-def is_issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Check name and signature; key identifiers must agree when both are present."""
-    if child.issuer != issuer.subject:
-        return False
-    try:
-        child.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-        return False
-    authority = _authority_key_id(child)
-    subject = _subject_key_id(issuer)
-    return authority is None or subject is None or authority == subject
+@dataclass(frozen=True)
+class CredentialFiles:
+    """The file paths of one credential; ``setting`` is the configuration section named in messages."""
+
+    role: str
+    setting: str
+    cert: Path
+    key: Optional[Path]
+    trust_anchors: Tuple[Path, ...]
+    key_passphrase_file: Optional[Path] = None
+    key_passphrase_credential: Optional[str] = None
+
+    def read_passphrase(self) -> Optional[bytes]:
+        return read_passphrase(self.key_passphrase_file, self.key_passphrase_credential, self.setting)
 
 
-def _authority_key_id(certificate: x509.Certificate) -> Optional[bytes]:
-    try:
-        return certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        return None
+@dataclass(frozen=True)
+class IdentityPolicy:
+    """The settings that every credential is checked against."""
+
+    key_types: Tuple[str, ...] = IdentityConfig.key_types
+    strict_time: bool = False
+    device_id_source: str = "auto"
+    device_id: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, settings: IdentityConfig, device_id: Optional[str] = None) -> "IdentityPolicy":
+        return cls(settings.key_types, settings.strict_time, settings.device_id_source, device_id)
 
 
-def _subject_key_id(certificate: x509.Certificate) -> Optional[bytes]:
-    try:
-        return certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
-        return None
+def credential_files(settings: IdentityConfig) -> List[CredentialFiles]:
+    """List the configured credentials: the IDevID, then the LDevID when ``[identity.ldevid]`` is present."""
+    credentials = [
+        CredentialFiles(
+            IDEVID, "identity", settings.cert, settings.key, settings.trust_anchors,
+            settings.key_passphrase_file, settings.key_passphrase_credential,
+        )
+    ]
+    ldevid = settings.ldevid
+    if ldevid is not None:
+        credentials.append(
+            CredentialFiles(
+                LDEVID, "identity.ldevid", ldevid.cert, ldevid.key, ldevid.trust_anchors,
+                ldevid.key_passphrase_file, ldevid.key_passphrase_credential,
+            )
+        )
+    return credentials
 
 
-def build_chain(
-    leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]
-) -> "list[x509.Certificate]":
-    """Walk from the leaf to a trust anchor; return the path including the anchor.
+def validate_identity(
+    settings: IdentityConfig, now: Optional[datetime.datetime] = None, device_id: Optional[str] = None
+) -> IdentityReport:
+    """Check every configured credential and decide which one the TLS client certificate uses.
 
-    Several CAs may share a subject name with different keys, so every
-    candidate is tried by signature, not just the first one with the name.
+    Contract: it reads the files named in ``settings`` (never the system trust
+    store), changes nothing, and does not raise for bad certificates, keys or
+    passphrases: each problem is a ``CheckResult`` with an ``id`` from
+    ``CHECK_IDS`` (or ``selection``), a ``status`` of ``ok``, ``warning``,
+    ``error`` or ``skipped``, a one-line ``message`` naming the file and the
+    fix, and the ``credential`` it concerns (``IDevID`` or ``LDevID``). Checks
+    run in the order of ``CHECK_IDS`` per credential; a certificate that
+    cannot be loaded makes the later checks ``skipped``.
+
+    ``now`` is the validation time (default: the system clock), ``device_id``
+    the top-level configured device id, which overrides the certificate's.
+    ``report.ok`` is false when any check failed; ``report.selected`` is the
+    credential the agent would use, or None when none is usable.
     """
-    path = [leaf]
-    current = leaf
-    pool = list(intermediates)
-    for _ in range(len(pool) + 1):
-        for anchor in anchors:
-            if is_issued_by(current, anchor):
-                return path + [anchor]
-        for candidate in pool:
-            if is_issued_by(current, candidate):
-                path.append(candidate)
-                pool.remove(candidate)
-                current = candidate
-                break
-        else:
-            break
-    raise IdentityError(
-        f"the device certificate (subject {leaf.subject.rfc4514_string()}, issuer "
-        f"{leaf.issuer.rfc4514_string()}) does not chain to any configured trust anchor by name and signature; "
-        "add the manufacturer CA that issued it to identity.trust_anchors",
-        check="chain",
-    )
+    policy = IdentityPolicy.from_config(settings, device_id)
+    return validate_credentials(credential_files(settings), policy, now)
 
 
-def extract_device_id(certificate: x509.Certificate) -> "tuple[str, str]":
-    """Return the device id and where it came from: subject serialNumber, else CN."""
-    for oid, source in ((NameOID.SERIAL_NUMBER, "subject serialNumber"), (NameOID.COMMON_NAME, "subject CN")):
-        attributes = certificate.subject.get_attributes_for_oid(oid)
-        if attributes:
-            value = str(attributes[0].value).strip()
-            if value:
-                return value, source
-    raise IdentityError(
-        f"the device certificate (subject {certificate.subject.rfc4514_string()!r}) has neither a serialNumber "
-        "nor a CN; set device_id in the configuration",
-        check="device-id",
-    )
+def validate_credentials(
+    credentials: Sequence[CredentialFiles], policy: IdentityPolicy, now: Optional[datetime.datetime] = None
+) -> IdentityReport:
+    """Validate ``credentials`` (the IDevID first) under ``policy``; see ``validate_identity``."""
+    reports: List[CredentialReport] = []
+    idevid_leaf: Optional[x509.Certificate] = None
+    for files in credentials:
+        report = _validate_credential(files, policy, now, idevid_leaf)
+        if files.role == IDEVID:
+            idevid_leaf = report.certificate
+        reports.append(report)
+
+    selected, selection = _select(reports)
+    clock = make_clock(now, idevid_leaf)
+    return IdentityReport(tuple(reports), selection, clock, selected.role if selected else None)
 
 
-def _check_key_type(certificate: x509.Certificate, path: Path) -> None:
-    key = certificate.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        raise IdentityError(f"{path}: RSA key of {key.key_size} bits is too weak; use 2048 bits or more", str(path), "key-type")
-    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        raise IdentityError(f"{path}: unsupported public key type {type(key).__name__}", str(path), "key-type")
+def _validate_credential(
+    files: CredentialFiles,
+    policy: IdentityPolicy,
+    now: Optional[datetime.datetime],
+    idevid_leaf: Optional[x509.Certificate],
+) -> CredentialReport:
+    role = files.role
+    try:
+        certificates = load_certificates(files.cert, f"{role} certificate file")
+    except IdentityError as exc:
+        skipped = [CheckResult(check_id, SKIPPED, "the certificate could not be loaded", role) for check_id in CHECK_IDS[1:]]
+        checks = (CheckResult("certificate", ERROR, str(exc), role), *skipped)
+        return CredentialReport(role, files.cert, files.key, checks)
 
+    leaf, intermediates = certificates[0], tuple(certificates[1:])
+    loaded = CheckResult("certificate", OK, f"loaded {len(certificates)} certificate(s) from {files.cert}", role)
+    leaf_result = check_leaf(leaf, policy.key_types, role)
+    key_result = _check_key(files, leaf)
+    chain = _check_chain(files, leaf, intermediates)
 
-def load_identity(settings: IdentityConfig, device_id: Optional[str] = None) -> DeviceIdentity:
-    """Load and check the device identity that the TLS connection presents."""
-    certificates = load_certificates(settings.cert, "device certificate")
-    leaf, intermediates = certificates[0], certificates[1:]
-    _check_key_type(leaf, settings.cert)
+    time_items = [("leaf", leaf)]
+    if chain.path:
+        time_items += [("CA", ca) for ca in chain.path[1:-1]] + [("trust anchor", chain.path[-1])]
+    # The IDevID's notBefore bounds the plausible time for every credential.
+    clock = make_clock(now, idevid_leaf or leaf)
+    time_result = check_time(time_items, clock, policy.strict_time, role)
 
-    passphrase = read_passphrase(settings.key_passphrase_file)
-    private_key = load_private_key(settings.key, passphrase)
-    check_key_matches(leaf, private_key, settings.cert, settings.key)
+    fields = read_identity_fields(leaf)
+    identity_result, device_id, source = check_identity(fields, policy.device_id_source, policy.device_id, role)
 
-    anchors: "list[x509.Certificate]" = []
-    for anchor_path in settings.trust_anchors:
-        anchors.extend(load_certificates(anchor_path, "trust anchor file"))
-    build_chain(leaf, intermediates, anchors)
-    _log_validity(leaf, settings.cert)
-
-    if device_id:
-        resolved_id, source = device_id, "configuration"
-    else:
-        resolved_id, source = extract_device_id(leaf)
-
-    identity = DeviceIdentity(
-        cert_path=settings.cert,
-        key_path=settings.key,
+    return CredentialReport(
+        role=role,
+        cert_path=files.cert,
+        key_path=files.key,
+        checks=(loaded, leaf_result, key_result, chain.result, time_result, identity_result),
         certificate=leaf,
-        chain=tuple(intermediates),
-        device_id=resolved_id,
+        intermediates=intermediates,
+        path=chain.path,
+        anchor_path=chain.anchor.path if chain.anchor else None,
+        fields=fields,
+        device_id=device_id,
         device_id_source=source,
-        key_passphrase=passphrase,
     )
-    logger.info("loaded device identity %s (device id %s from %s)", identity.subject, resolved_id, source)
+
+
+def _check_key(files: CredentialFiles, leaf: x509.Certificate) -> CheckResult:
+    if files.key is None:
+        return CheckResult("key-match", SKIPPED, "no private key given", files.role)
+    # NOTE: cryptography cannot load a TPM-held key (a TSS2 PRIVATE KEY file), so such
+    # a key fails this check until a TPM-aware key check replaces this load.
+    try:
+        private_key = load_private_key(files.key, files.read_passphrase(), files.setting)
+    except IdentityError as exc:
+        return CheckResult("key-match", ERROR, str(exc), files.role)
+    return check_key_match(leaf, private_key, files.cert, files.key, files.role)
+
+
+def _check_chain(
+    files: CredentialFiles, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate]
+) -> ChainOutcome:
+    anchors: List[TrustAnchor] = []
+    for path in files.trust_anchors:
+        try:
+            anchors.extend(TrustAnchor(cert, path) for cert in load_certificates(path, "trust anchor file"))
+        except IdentityError as exc:
+            return ChainOutcome(CheckResult("chain", ERROR, f"{exc}; fix {files.setting}.trust_anchors", files.role))
+    return check_chain(leaf, intermediates, anchors, f"{files.setting}.trust_anchors", files.role)
+
+
+def _select(reports: Sequence[CredentialReport]) -> "tuple[Optional[CredentialReport], CheckResult]":
+    by_role = {report.role: report for report in reports}
+    idevid, ldevid = by_role.get(IDEVID), by_role.get(LDEVID)
+
+    if ldevid is not None and ldevid.usable:
+        return ldevid, CheckResult("selection", OK, f"the LDevID {ldevid.cert_path} is the TLS client certificate", LDEVID)
+
+    fallback_reason = ""
+    if ldevid is not None:
+        failed = ldevid.first_error()
+        detail = f"{failed.id} check failed: {failed.message}" if failed else "private key was not checked"
+        fallback_reason = f"the LDevID {ldevid.cert_path} is not used because its {detail}"
+
+    if idevid is not None and idevid.usable:
+        if fallback_reason:
+            message = f"{fallback_reason}; the IDevID is the TLS client certificate"
+            return idevid, CheckResult("selection", WARNING, message, IDEVID)
+        return idevid, CheckResult("selection", OK, f"the IDevID {idevid.cert_path} is the TLS client certificate", IDEVID)
+
+    if idevid is not None and idevid.first_error() is None:
+        return None, CheckResult("selection", SKIPPED, "no private key was given, so no TLS client certificate is chosen", IDEVID)
+
+    message = "no usable device identity: the IDevID failed its checks"
+    if fallback_reason:
+        message += f", and {fallback_reason}"
+    return None, CheckResult("selection", ERROR, message, IDEVID)
+
+
+def load_identity(
+    settings: IdentityConfig, device_id: Optional[str] = None, now: Optional[datetime.datetime] = None
+) -> DeviceIdentity:
+    """Validate the identity and return the credential that TLS presents; raise ``IdentityError`` when none is usable."""
+    report = validate_identity(settings, now, device_id)
+    _log_report(report)
+
+    chosen = report.selected
+    if chosen is None or chosen.certificate is None or chosen.key_path is None or chosen.device_id is None:
+        raise _unusable_error(report)
+
+    files = next(f for f in credential_files(settings) if f.role == chosen.role)
+    identity = DeviceIdentity(
+        cert_path=chosen.cert_path,
+        key_path=chosen.key_path,
+        certificate=chosen.certificate,
+        chain=chosen.intermediates,
+        device_id=chosen.device_id,
+        device_id_source=chosen.device_id_source,
+        key_passphrase=files.read_passphrase(),
+        role=chosen.role,
+        report=report,
+    )
+    logger.info(
+        "using the %s %s as the TLS client certificate (device id %s from %s)",
+        identity.role, identity.subject, identity.device_id, identity.device_id_source,
+    )
     return identity
 
 
-def _log_validity(certificate: x509.Certificate, path: Path) -> None:
-    if has_no_expiration(certificate):
-        return
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if now > certificate.not_valid_after_utc:
-        logger.warning("device certificate %s expired on %s", path, certificate.not_valid_after_utc.isoformat())
-    elif now < certificate.not_valid_before_utc:
-        logger.warning(
-            "device certificate %s is not valid before %s; the system clock may be wrong",
-            path, certificate.not_valid_before_utc.isoformat(),
-        )
+def _unusable_error(report: IdentityReport) -> IdentityError:
+    idevid = report.credentials[0]
+    failed = idevid.first_error()
+    if failed is None:
+        return IdentityError(report.selection.message, str(idevid.cert_path), "selection")
+    return IdentityError(f"{idevid.role} {failed.id} check failed: {failed.message}", str(idevid.cert_path), failed.id)
 
+
+def _log_report(report: IdentityReport) -> None:
+    for check in report.checks:
+        if check.id == "selection":
+            continue
+        if check.status == ERROR:
+            logger.error("%s %s check failed: %s", check.credential, check.id, check.message)
+        elif check.status == WARNING:
+            logger.warning("%s %s check: %s", check.credential, check.id, check.message)
+        elif check.status == SKIPPED and check.id == "time":
+            logger.warning("%s time check skipped: %s", check.credential, check.message)
+    if report.selection.status != OK:
+        logger.warning("%s", report.selection.message)
+
+
+def extract_device_id(certificate: x509.Certificate, source: str = "auto") -> "tuple[str, str]":
+    """Return the device id and where it came from; raise ``IdentityError`` when the certificate lacks it."""
+    device_id, label = choose_device_id(read_identity_fields(certificate), source)
+    if device_id is None:
+        raise IdentityError(
+            f"the device certificate (subject {name_text(certificate, 'subject')!r}) has no {label}; "
+            "set device_id in the configuration",
+            check="identity",
+        )
+    return device_id, label

@@ -9,6 +9,7 @@ prints. Pins are matched only against the chain that the TLS stack verified.
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import hmac
 import logging
@@ -68,7 +69,14 @@ def pin_from_certificate(certificate: x509.Certificate) -> Pin:
     return pin_from_public_key(certificate.public_key())
 
 
+@functools.lru_cache(maxsize=64)
 def pin_from_certificate_der(certificate_der: bytes) -> Pin:
+    """Compute the pin of a DER certificate.
+
+    The cache is keyed by the complete DER bytes, so a broker that presents
+    the same chain on every handshake costs one dictionary lookup per
+    certificate after the first time.
+    """
     return pin_from_certificate(x509.load_der_x509_certificate(certificate_der))
 
 

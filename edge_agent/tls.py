@@ -15,7 +15,9 @@ from typing import List, Optional
 
 from cryptography.hazmat.primitives import serialization
 
+from edge_agent.certfiles import load_private_key
 from edge_agent.config import BrokerConfig
+from edge_agent.errors import IdentityError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.pinning import PinMismatchError, PinSet
 
@@ -146,15 +148,25 @@ def load_client_certificate(context: ssl.SSLContext, identity: DeviceIdentity) -
     if b"-----BEGIN" in key_data:
         key_file = str(identity.key_path)
         with _memory_file(cert_pem) as cert_file:
-            context.load_cert_chain(cert_file, key_file, password=passphrase)
+            # Without a password OpenSSL would prompt on the terminal; a service must fail instead.
+            password = passphrase if passphrase is not None else _no_passphrase(identity.key_path)
+            context.load_cert_chain(cert_file, key_file, password=password)
         return
 
-    private_key = serialization.load_der_private_key(key_data, password=passphrase)
+    # The shared loader also trims a padded DER key.
+    private_key = load_private_key(identity.key_path, passphrase)
     key_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     with _memory_file(cert_pem) as cert_file, _memory_file(key_pem) as key_file:
         context.load_cert_chain(cert_file, key_file)
+
+
+def _no_passphrase(key_path: Path):
+    def refuse() -> bytes:
+        raise IdentityError(f"{key_path}: the private key is encrypted and no passphrase is configured", str(key_path), "key-load")
+
+    return refuse
 
 
 class _memory_file:

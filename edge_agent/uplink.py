@@ -30,6 +30,17 @@ logger = logging.getLogger(__name__)
 # and then drops the client at once keeps the delay growing.
 STABLE_SESSION_S = 30.0
 
+# paho keeps at most ``window`` messages unacknowledged on the wire; this many
+# windows' worth are handed to it at once, so its network thread can send the
+# next message the moment an acknowledgement frees a slot. They stay in the
+# spool until acknowledged.
+HANDOFF_WINDOWS = 10
+
+# Acknowledged messages are deleted in batches: a delete lost in a crash only
+# means the message is sent once more.
+ACK_BATCH = 256
+ACK_FLUSH_S = 0.2
+
 
 class _PahoNoiseFilter(logging.Filter):
     """Demote paho's "Client is not connected" error, which its loop logs when a clean disconnect races it."""
@@ -94,6 +105,7 @@ class Uplink:
         self.spool = spool
         self.context_factory = context_factory
         self.window = window
+        self.handoff = window * HANDOFF_WINDOWS
         self.wake = wake or threading.Event()
         self.counters = UplinkCounters()
         self.state = "disconnected"
@@ -109,6 +121,9 @@ class Uplink:
         self._lost = threading.Event()
         self._inflight: Dict[int, int] = {}
         self._last_sent_id = 0
+        self._acked_ids: "list[int]" = []
+        self._unseen_acks = 0
+        self._last_flush = time.monotonic()
 
     # --- paho callbacks (network thread) ----------------------------------
 
@@ -132,7 +147,12 @@ class Uplink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
             self._acks.put(mid)
-            self.wake.set()
+            self._unseen_acks += 1
+            # Waking the main loop per acknowledgement would fight paho's thread for the GIL;
+            # wake it when a quarter of the hand-off is free or everything in flight is acknowledged.
+            if self._unseen_acks >= max(1, self.handoff // 4) or self._unseen_acks >= len(self._inflight):
+                self._unseen_acks = 0
+                self.wake.set()
         except Exception:
             self._callback_failed("on_publish")
 
@@ -235,7 +255,7 @@ class Uplink:
         self._fill_window()
 
     def _collect_acks(self) -> None:
-        acked = []
+        collected = 0
         while True:
             try:
                 mid = self._acks.get_nowait()
@@ -243,15 +263,27 @@ class Uplink:
                 break
             row_id = self._inflight.pop(mid, None)
             if row_id is not None:
-                acked.append(row_id)
-        if acked:
-            self.spool.ack(acked)
-            self.counters.acknowledged += len(acked)
+                self._acked_ids.append(row_id)
+                collected += 1
+        if collected:
+            self.counters.acknowledged += collected
             self.last_publish_ack = time.time()
 
+        due = time.monotonic() - self._last_flush >= ACK_FLUSH_S
+        if len(self._acked_ids) >= ACK_BATCH or (self._acked_ids and (due or not self._inflight)):
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Delete the acknowledged messages from the spool."""
+        acked, self._acked_ids = self._acked_ids, []
+        self._last_flush = time.monotonic()
+        if acked:
+            self.spool.ack(acked)
+
     def _fill_window(self) -> None:
-        free = self.window - len(self._inflight)
-        if free <= 0:
+        free = self.handoff - len(self._inflight)
+        # Refill only once half the hand-off is free: one spool query per batch, not per acknowledgement.
+        if free < max(1, self.handoff // 2):
             return
         for message in self.spool.peek(free, after_id=self._last_sent_id):
             info = self._client.publish(message.topic, message.payload, qos=1)
@@ -273,12 +305,22 @@ class Uplink:
         self._teardown()
 
     def _teardown(self) -> None:
+        self.flush_acks()
         client, self._client = self._client, None
         self.state = "disconnected"
         self._inflight.clear()
         self._last_sent_id = 0
         if client is not None:
             self._discard(client)
+
+    def reconfigure(self, broker: BrokerConfig, client_id: str, topic_prefix: str) -> None:
+        """Take new broker settings; a live session is closed so the next handshake checks them."""
+        self.broker = broker
+        self.client_id = client_id
+        self.status_topic = status_topic(topic_prefix, client_id)
+        if self._client is not None:
+            logger.info("closing the session to %s to apply the new configuration", self._peer)
+            self._teardown()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Publish ``offline``, wait briefly for in-flight acknowledgements and disconnect."""

@@ -85,8 +85,8 @@ def main() -> int:
         observer = Observer(broker, pki.broker_ca, pki.observer_cert, pki.observer_key).start()
         command = [sys.executable, "-m", "edge_agent", "run", "--config", str(config)]
         print(f"starting: edge-agent run --config {config}")
-        agent_log = open(work / "agent.log", "w")
-        agent = subprocess.Popen(command, stdout=agent_log, stderr=subprocess.STDOUT)
+        with open(work / "agent.log", "w") as agent_log:
+            agent = subprocess.Popen(command, stdout=agent_log, stderr=subprocess.STDOUT)
 
         shown = 0
         deadline = None if args.duration is None else time.monotonic() + args.duration

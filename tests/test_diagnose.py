@@ -159,7 +159,7 @@ def test_config_missing_skips_dependents(tmp_path):
 
     assert status_of(report, "config") is Status.ERROR
     assert "not found" in report.result("config").finding
-    assert status_of(report, "identity.cert") is Status.SKIPPED
+    assert status_of(report, "identity.certificate") is Status.SKIPPED
     assert status_of(report, "mqtt.connect") is Status.SKIPPED
     assert status_of(report, "clock") is Status.OK
 
@@ -185,9 +185,12 @@ def test_clock_before_build_date(write_config):
 def test_identity_steps_pass(write_config):
     report = diagnose(write_config(), only=IDENTITY)
 
-    assert [r.status for r in report.results] == [Status.OK] * len(IDENTITY)
+    not_ok = [r.id for r in report.results if r.status is not Status.OK]
+    assert not_ok == ["identity.ldevid"]
+    assert status_of(report, "identity.ldevid") is Status.SKIPPED
     assert "GW-0001" in report.result("identity.device-id").finding
-    assert "no expiration" in report.result("identity.validity").finding
+    assert "no expiration" in report.result("identity.time").finding
+    assert "IDevID" in report.result("identity.selection").finding
 
 
 def test_key_mode_fails_with_chmod(write_config, pki, tmp_path):
@@ -198,10 +201,11 @@ def test_key_mode_fails_with_chmod(write_config, pki, tmp_path):
     report = diagnose(write_config(identity={"key": str(key)}), only=("config",) + IDENTITY)
 
     assert status_of(report, "config") is Status.ERROR
-    assert status_of(report, "identity.cert") is Status.OK
+    assert status_of(report, "identity.certificate") is Status.OK
     assert status_of(report, "identity.key-mode") is Status.ERROR
     assert f"chmod 600 {key}" in report.result("identity.key-mode").remedy
-    assert status_of(report, "identity.key") is Status.SKIPPED
+    assert status_of(report, "identity.key-match") is Status.SKIPPED
+    assert status_of(report, "identity.selection") is Status.ERROR
 
 
 def test_foreign_key_fails_key_match(write_config, tmp_path):
@@ -209,17 +213,18 @@ def test_foreign_key_fails_key_match(write_config, tmp_path):
 
     report = diagnose(write_config(identity={"key": str(key)}), only=IDENTITY)
 
-    assert status_of(report, "identity.key") is Status.OK
+    assert status_of(report, "identity.key-mode") is Status.OK
     assert status_of(report, "identity.key-match") is Status.ERROR
     assert "does not belong" in report.result("identity.key-match").finding
-    assert status_of(report, "identity.chain") is Status.SKIPPED
+    assert "Install the key that was issued with it" in report.result("identity.key-match").remedy
+    assert status_of(report, "identity.chain") is Status.OK
 
 
 def test_unknown_issuer_fails_chain(write_config, pki):
     report = diagnose(write_config(identity={"trust_anchors": [str(pki.broker_ca)]}), only=IDENTITY)
 
     assert status_of(report, "identity.chain") is Status.ERROR
-    assert "trust_anchors" in report.result("identity.chain").remedy
+    assert "identity.trust_anchors" in report.result("identity.chain").finding
 
 
 def test_wrong_passphrase_never_printed(write_config, pki, tmp_path):
@@ -237,8 +242,8 @@ def test_wrong_passphrase_never_printed(write_config, pki, tmp_path):
     report = diagnose(config, only=IDENTITY)
     output = render_text(report) + render_json(report)
 
-    assert status_of(report, "identity.key") is Status.ERROR
-    assert "passphrase is wrong" in report.result("identity.key").finding
+    assert status_of(report, "identity.key-match") is Status.ERROR
+    assert "passphrase is wrong" in report.result("identity.key-match").finding
     assert "wrong-passphrase-value" not in output
     assert "correct-horse-battery" not in output
     assert "PRIVATE KEY" not in output
@@ -246,7 +251,7 @@ def test_wrong_passphrase_never_printed(write_config, pki, tmp_path):
 
 @pytest.mark.parametrize(
     "not_after_days, status, text",
-    [(400, Status.OK, "valid until"), (10, Status.WARNING, "expires in"), (-1, Status.ERROR, "expired on")],
+    [(400, Status.OK, "expires in 399 days"), (10, Status.WARNING, "expires in 9 days"), (-1, Status.WARNING, "expired on")],
 )
 def test_device_cert_validity(write_config, pki, tmp_path, not_after_days, status, text):
     manufacturer = make_ca("validity test manufacturer")
@@ -262,8 +267,8 @@ def test_device_cert_validity(write_config, pki, tmp_path, not_after_days, statu
 
     report = diagnose(config, only=IDENTITY)
 
-    assert status_of(report, "identity.validity") is status
-    assert text in report.result("identity.validity").finding
+    assert status_of(report, "identity.time") is status
+    assert text in report.result("identity.time").finding
 
 
 # --- entropy, thermal, OpenSSL ------------------------------------------------------
@@ -619,7 +624,7 @@ def test_healthy_gateway_all_ok(running_agent):
     report = diagnose(running_agent)
 
     not_ok = [(r.id, r.status.value, r.finding) for r in report.results if r.status is not Status.OK]
-    assert not_ok == []
+    assert not_ok == [("identity.ldevid", "skipped", "no LDevID configured ([identity.ldevid])")]
     assert report.result("service").finding.startswith("running (pid")
     assert "not repeated" in report.result("mqtt.connect").finding
     assert report.exit_code == 0
@@ -661,7 +666,7 @@ def test_healthy_gateway_text_and_json(running_agent, agent_command):
     assert as_json.stdout.isascii()
     assert document["exit_code"] == 0
     assert [c["id"] for c in document["checks"]] == list(CHECK_IDS)
-    assert {c["status"] for c in document["checks"]} == {"ok"}
+    assert {c["status"] for c in document["checks"] if c["id"] != "identity.ldevid"} == {"ok"}
 
 
 def test_broken_gateway_text_and_json(broker, write_config, agent_command, pki, tmp_path):

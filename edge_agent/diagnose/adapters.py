@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edge_agent import identity as identity_module
 from edge_agent.config import BrokerConfig, EntropyConfig, IdentityConfig, SpoolConfig, ThermalConfig, secret_file_mode_problem
@@ -30,60 +29,79 @@ UTC = datetime.timezone.utc
 
 # --- identity ---------------------------------------------------------------
 
+# The IDevID steps in the order they are shown. "key-mode" is diagnose's own
+# stat-only check of the key file; the others map the checks of
+# edge_agent.identity.validate_identity, whose "identity" check is shown as
+# "device-id". "ldevid" sums up the LDevID, and "selection" says which
+# credential TLS presents.
+IDENTITY_STEPS = ("certificate", "leaf", "key-mode", "key-match", "chain", "time", "device-id", "ldevid", "selection")
+_REPORT_STEP_NAMES = {"identity": "device-id"}
+# A device certificate that expires within this many days gets a warning.
+CERT_WARN_DAYS = 30
+
 
 @dataclass(frozen=True)
 class IdentityStep:
-    """One step of identity validation: passed, failed, or not run because an earlier step failed."""
+    """The outcome of one identity step: a status (ok, warning, error, skipped), the finding and the fix."""
 
     name: str
-    passed: Optional[bool]
+    status: str
     finding: str
     remedy: str = ""
 
 
 @dataclass(frozen=True)
 class IdentityOutcome:
-    """The steps in order, the leaf certificate when it parsed, and the identity when every step passed."""
+    """The steps in order, the IDevID leaf when it parsed, the device id, and the identity TLS presents."""
 
     steps: Tuple[IdentityStep, ...]
     certificate: Optional[x509.Certificate]
+    device_id: Optional[str]
     identity: Optional[DeviceIdentity]
 
+    def step(self, name: str) -> IdentityStep:
+        return next(s for s in self.steps if s.name == name)
 
-def validate_identity(settings: IdentityConfig, device_id: Optional[str]) -> IdentityOutcome:
-    """Run each identity check of ``load_identity`` on its own, so that every step gets a result."""
-    # NOTE: calls the step functions of edge_agent.identity one by one; a
-    # validate_identity() there that reports every step would replace this.
+
+def validate_identity(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> IdentityOutcome:
+    """Validate every configured credential and return one step per check, IDevID first."""
+    report = identity_module.validate_identity(settings, now, device_id)
+    idevid = report.credentials[0]
+    key_mode = _key_mode_step(settings)
+
     steps: List[IdentityStep] = []
-    state: dict = {}
-    for name, step in _IDENTITY_STEP_FUNCTIONS:
-        if steps and steps[-1].passed is not True:
-            steps.append(IdentityStep(name, None, f"the {steps[-1].name} step did not pass"))
-            continue
-        try:
-            finding = step(settings, device_id, state)
-        except EdgeAgentError as exc:
-            finding, remedy = split_fix(str(exc))
-            steps.append(IdentityStep(name, False, finding, remedy))
-            continue
-        steps.append(IdentityStep(name, True, finding))
+    for check in idevid.checks:
+        name = _REPORT_STEP_NAMES.get(check.id, check.id)
+        if name == "key-match":
+            steps.append(key_mode)
+            if key_mode.status == "error" and check.status == "error":
+                steps.append(IdentityStep(name, "skipped", "the private key file is readable by others (see key-mode)"))
+                continue
+        step = _step_from_check(name, check.status, check.message)
+        if name == "time":
+            step = _add_expiry_horizon(step, idevid.certificate, now)
+        steps.append(step)
+    steps.append(_ldevid_step(report.credentials[1:]))
+    steps.append(_step_from_check("selection", report.selection.status, report.selection.message))
 
-    identity = None
-    if all(s.passed for s in steps):
-        identity = identity_module.load_identity(settings, device_id)
-    return IdentityOutcome(tuple(steps), state.get("leaf"), identity)
-
-
-def _step_cert(settings: IdentityConfig, device_id: Optional[str], state: dict) -> str:
-    certificates = identity_module.load_certificates(settings.cert, "device certificate")
-    leaf = certificates[0]
-    state["leaf"] = leaf
-    state["intermediates"] = certificates[1:]
-    identity_module._check_key_type(leaf, settings.cert)
-    return f"{leaf.subject.rfc4514_string()} ({_describe_public_key(leaf.public_key())})"
+    selected = report.selected
+    return IdentityOutcome(
+        steps=tuple(steps),
+        certificate=idevid.certificate,
+        device_id=selected.device_id if selected is not None else idevid.device_id,
+        identity=_load_selected(settings, device_id, now) if selected is not None else None,
+    )
 
 
-def _step_key_mode(settings: IdentityConfig, device_id: Optional[str], state: dict) -> str:
+def _step_from_check(name: str, status: str, message: str) -> IdentityStep:
+    if status in ("ok", "skipped"):
+        return IdentityStep(name, status, message)
+    finding, remedy = split_fix(message)
+    return IdentityStep(name, status, finding, remedy)
+
+
+def _key_mode_step(settings: IdentityConfig) -> IdentityStep:
+    """Check that the key and passphrase files are private to their owner, without reading them."""
     described = []
     for path in (settings.key, settings.key_passphrase_file):
         if path is None:
@@ -92,84 +110,48 @@ def _step_key_mode(settings: IdentityConfig, device_id: Optional[str], state: di
             problem = secret_file_mode_problem(path)
             mode = path.stat().st_mode & 0o7777
         except FileNotFoundError:
-            raise IdentityError(f"{path}: file not found; fix identity.key or install the key file", str(path)) from None
+            return IdentityStep("key-mode", "error", f"{path}: file not found", "Fix identity.key or install the key file.")
         except OSError as exc:
-            raise IdentityError(f"{path}: cannot read its mode: {exc.strerror}", str(path)) from None
+            return IdentityStep("key-mode", "error", f"{path}: cannot read its mode: {exc.strerror}")
         if problem:
-            raise IdentityError(problem, str(path), "key-permissions")
+            finding, remedy = split_fix(problem)
+            return IdentityStep("key-mode", "error", finding, remedy)
         described.append(f"{path} mode {mode:04o}")
-    return ", ".join(described) + ": private to its owner"
+    return IdentityStep("key-mode", "ok", ", ".join(described) + ": private to its owner")
 
 
-def _step_key(settings: IdentityConfig, device_id: Optional[str], state: dict) -> str:
+def _add_expiry_horizon(step: IdentityStep, leaf: Optional[x509.Certificate], now: datetime.datetime) -> IdentityStep:
+    if step.status != "ok" or leaf is None or identity_module.has_no_expiration(leaf):
+        return step
+    days = (leaf.not_valid_after_utc - now).days
+    if days >= CERT_WARN_DAYS:
+        return IdentityStep(step.name, "ok", f"{step.finding}; the leaf expires in {days} days")
+    return IdentityStep(
+        step.name, "warning", f"the device certificate expires in {days} days, on {leaf.not_valid_after_utc:%Y-%m-%d}",
+        "Arrange a replacement identity (an LDevID, or a new IDevID from the manufacturer) before that date.",
+    )
+
+
+def _ldevid_step(ldevid_reports) -> IdentityStep:
+    if not ldevid_reports:
+        return IdentityStep("ldevid", "skipped", "no LDevID configured ([identity.ldevid])")
+    credential = ldevid_reports[0]
+    worst = credential.status
+    if worst == "ok":
+        return IdentityStep("ldevid", "ok", f"the LDevID {credential.cert_path} passes every check")
+    first = next(c for c in credential.checks if c.status == worst)
+    return _step_from_check("ldevid", worst, f"LDevID {first.id} check: {first.message}")
+
+
+def _load_selected(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> Optional[DeviceIdentity]:
     try:
-        passphrase = identity_module.read_passphrase(settings.key_passphrase_file)
-        key = identity_module.load_private_key(settings.key, passphrase)
-    except IdentityError as exc:
-        if "not readable by this user" in str(exc):
-            raise IdentityError(
-                f"{settings.key}: the private key is not readable by this user; run diagnose as root or as the "
-                "agent's user (sudo -u <agent user> edge-agent diagnose)",
-                str(settings.key),
-            ) from None
-        raise
-    state["key"] = key
-    encrypted = " (encrypted with the passphrase file)" if passphrase is not None else ""
-    return f"the {_describe_public_key(key.public_key())} private key loads{encrypted}"
-
-
-def _step_key_match(settings: IdentityConfig, device_id: Optional[str], state: dict) -> str:
-    identity_module.check_key_matches(state["leaf"], state["key"], settings.cert, settings.key)
-    return "the private key belongs to the device certificate"
-
-
-def _step_chain(settings: IdentityConfig, device_id: Optional[str], state: dict) -> str:
-    anchors: List[x509.Certificate] = []
-    for anchor_path in settings.trust_anchors:
-        anchors.extend(identity_module.load_certificates(anchor_path, "trust anchor file"))
-    path = identity_module.build_chain(state["leaf"], state["intermediates"], anchors)
-    return f"chains to trust anchor {path[-1].subject.rfc4514_string()} ({len(path)} certificates)"
-
-
-def _step_device_id(settings: IdentityConfig, device_id: Optional[str], state: dict) -> str:
-    if device_id:
-        return f"device id {device_id} (from the configuration)"
-    value, source = identity_module.extract_device_id(state["leaf"])
-    return f"device id {value} (from the certificate's {source})"
-
-
-_IDENTITY_STEP_FUNCTIONS = (
-    ("cert", _step_cert),
-    ("key-mode", _step_key_mode),
-    ("key", _step_key),
-    ("key-match", _step_key_match),
-    ("chain", _step_chain),
-    ("device-id", _step_device_id),
-)
-
-
-def _describe_public_key(key) -> str:
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"EC {key.curve.name}"
-    if isinstance(key, rsa.RSAPublicKey):
-        return f"RSA-{key.key_size}"
-    return type(key).__name__.replace("PublicKey", "").lstrip("_")
-
-
-def load_certificates(path: Path) -> List[x509.Certificate]:
-    return identity_module.load_certificates(path, "certificate file")
-
-
-def device_id_of(certificate: x509.Certificate) -> Optional[str]:
-    """Return the device id the certificate carries, or None when it has none."""
-    try:
-        return identity_module.extract_device_id(certificate)[0]
+        return identity_module.load_identity(settings, device_id, now)
     except IdentityError:
         return None
 
 
-def has_no_expiration(certificate: x509.Certificate) -> bool:
-    return identity_module.has_no_expiration(certificate)
+def load_certificates(path: Path) -> List[x509.Certificate]:
+    return identity_module.load_certificates(path, "certificate file")
 
 
 # --- TLS --------------------------------------------------------------------

@@ -12,8 +12,6 @@ from edge_agent.diagnose.render import format_utc, split_fix
 from edge_agent.errors import ConfigError, EdgeAgentError
 
 NO_CONFIG = "no usable configuration (see config)"
-# Certificates that expire within this many days get a warning.
-CERT_WARN_DAYS = 30
 
 
 def check_config(ctx: DiagnoseContext) -> CheckResult:
@@ -67,18 +65,22 @@ def _identity_step(ctx: DiagnoseContext, name: str) -> CheckResult:
     outcome = ensure_identity(ctx)
     if outcome is None:
         return skipped(check_id, NO_CONFIG)
-    step = next(s for s in outcome.steps if s.name == name)
-    if step.passed is None:
-        return skipped(check_id, step.finding)
-    if step.passed:
-        return ok(check_id, step.finding)
-    return result(check_id, Status.ERROR, step.finding, step.remedy or "Fix the identity settings as the message says.")
+    step = outcome.step(name)
+    status = Status(step.status)
+    if status is Status.ERROR and not step.remedy:
+        return result(check_id, status, step.finding, _IDENTITY_REMEDIES.get(name, "Fix the setting the message names."))
+    return result(check_id, status, step.finding, step.remedy)
+
+
+_IDENTITY_REMEDIES = {
+    "selection": "Fix the failed identity checks above: without a usable credential the agent cannot connect.",
+}
 
 
 def ensure_identity(ctx: DiagnoseContext):
     """Validate the identity once per run; return the outcome, or None without a configuration."""
     if ctx.identity is None and ctx.config is not None:
-        ctx.identity = adapters.validate_identity(ctx.config.identity, ctx.config.device_id)
+        ctx.identity = adapters.validate_identity(ctx.config.identity, ctx.config.device_id, ctx.now())
     return ctx.identity
 
 
@@ -88,45 +90,6 @@ def identity_step_check(name: str):
 
     check.__name__ = f"check_identity_{name.replace('-', '_')}"
     return check
-
-
-def check_identity_validity(ctx: DiagnoseContext) -> CheckResult:
-    outcome = ensure_identity(ctx)
-    leaf = outcome.certificate if outcome is not None else None
-    if leaf is None:
-        reason = NO_CONFIG if ctx.config is None else "the device certificate did not load"
-        return skipped("identity.validity", reason)
-    if adapters.has_no_expiration(leaf):
-        return ok("identity.validity", "no expiration date (notAfter 99991231235959Z, as IEEE 802.1AR allows)")
-
-    now = ctx.now()
-    not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    clock_note = _clock_note(ctx)
-    if now < not_before:
-        return result(
-            "identity.validity", Status.ERROR, f"not valid before {format_utc(not_before)}",
-            clock_note or "The certificate's start date lies in the future: ask the manufacturer.",
-        )
-    if now > not_after:
-        return result(
-            "identity.validity", Status.ERROR, f"expired on {format_utc(not_after)}",
-            clock_note or "An IDevID cannot be renewed in the field: ask the cloud team whether the broker accepts "
-            "it after notAfter, or the manufacturer for a replacement.",
-        )
-    days = (not_after - now).days
-    if days < CERT_WARN_DAYS:
-        return result(
-            "identity.validity", Status.WARNING, f"expires in {days} days, on {format_utc(not_after)}",
-            "Arrange a replacement identity with the manufacturer before that date.",
-        )
-    return ok("identity.validity", f"valid until {format_utc(not_after)} ({days} days)")
-
-
-def _clock_note(ctx: DiagnoseContext) -> str:
-    problem = ctx.clock_problem()
-    if problem is None:
-        return ""
-    return f"Note: {problem}, so set the clock first and check again."
 
 
 # --- hardware and platform -----------------------------------------------------

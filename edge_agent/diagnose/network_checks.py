@@ -20,7 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.diagnose import adapters, classify
 from edge_agent.diagnose.context import DiagnoseContext, TlsOutcome, labelled, ok, result, skipped
-from edge_agent.diagnose.local_checks import CERT_WARN_DAYS, NO_CONFIG, ensure_identity
+from edge_agent.diagnose.adapters import CERT_WARN_DAYS
+from edge_agent.diagnose.local_checks import NO_CONFIG, ensure_identity
 from edge_agent.diagnose.model import CheckResult, Detail, Status
 from edge_agent.diagnose.render import format_utc
 from edge_agent.diagnose.service_checks import agent_holds_session

@@ -17,7 +17,7 @@ from edge_agent.diagnose.model import CheckResult, Detail, Report, Status
 
 WIDTH = 80
 _TAG_WIDTH = 7
-_ID_WIDTH = 19
+_ID_WIDTH = 21
 _FINDING_COLUMN = _TAG_WIDTH + _ID_WIDTH
 _LABEL_WIDTH = 10
 _DETAIL_COLUMN = _TAG_WIDTH + _LABEL_WIDTH

@@ -22,13 +22,7 @@ Check = Callable[[DiagnoseContext], CheckResult]
 CHECKS: Tuple[Tuple[str, Check], ...] = (
     ("config", local_checks.check_config),
     ("clock", local_checks.check_clock),
-    ("identity.cert", local_checks.identity_step_check("cert")),
-    ("identity.key-mode", local_checks.identity_step_check("key-mode")),
-    ("identity.key", local_checks.identity_step_check("key")),
-    ("identity.key-match", local_checks.identity_step_check("key-match")),
-    ("identity.chain", local_checks.identity_step_check("chain")),
-    ("identity.device-id", local_checks.identity_step_check("device-id")),
-    ("identity.validity", local_checks.check_identity_validity),
+    *((f"identity.{step}", local_checks.identity_step_check(step)) for step in adapters.IDENTITY_STEPS),
     ("entropy", local_checks.check_entropy),
     ("thermal", local_checks.check_thermal),
     ("openssl", local_checks.check_openssl),
@@ -90,8 +84,8 @@ def _device_id(ctx: DiagnoseContext) -> Optional[str]:
         return None
     if ctx.config.device_id:
         return ctx.config.device_id
-    if ctx.identity is not None and ctx.identity.certificate is not None:
-        return adapters.device_id_of(ctx.identity.certificate)
+    if ctx.identity is not None:
+        return ctx.identity.device_id
     return None
 
 
