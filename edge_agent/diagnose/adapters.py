@@ -24,9 +24,6 @@ from edge_agent.spool import SpoolStats
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import PinnedContext, create_client_context, verified_chain_der
 
-UTC = datetime.timezone.utc
-
-
 # --- identity ---------------------------------------------------------------
 
 # The IDevID steps in the order they are shown. "key-mode" is diagnose's own
@@ -180,7 +177,7 @@ def unverified_chain(sock: ssl.SSLSocket) -> List[x509.Certificate]:
 
 
 def classify_tls_failure(exc: BaseException) -> FailureClass:
-    # NOTE: switch to the pin tooling's TLS error classifier once it lands, keeping these remedies.
+    """Sort a TLS or socket error into the failure class a technician acts on."""
     return classify_tls_error(exc)
 
 
