@@ -16,7 +16,7 @@ from edge_agent.commands import EXIT_ERROR
 from edge_agent.errors import EdgeAgentError
 
 # Order of the subcommands in --help.
-COMMANDS = ("run", "config", "identity", "pin", "diagnose", "console")
+COMMANDS = ("run", "config", "identity", "pin", "keygen", "diagnose", "console")
 
 
 def build_parser() -> argparse.ArgumentParser:

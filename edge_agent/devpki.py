@@ -9,8 +9,6 @@ with mode 0600 and never overwrite an existing file.
 
 import argparse
 import datetime
-import ipaddress
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +16,12 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.asn1 import MASA_URL_OID, encode_ia5_string, hardware_module_name_san
 from edge_agent.identity import NO_EXPIRATION
+from edge_agent.keys import new_key, san_entry, write_private_key
 from edge_agent.pinning import Pin, pin_from_public_key
 
 # A private enterprise arc for example hardware types in the development PKI.
@@ -42,17 +40,6 @@ class Issued:
     @property
     def pin(self) -> Pin:
         return pin_from_public_key(self.certificate.public_key())
-
-
-def new_key(kind: str = "ec-p256"):
-    """Generate a private key: ``ec-p256``, ``ec-p384``, ``rsa-2048``, ``rsa-3072`` or ``rsa-4096``."""
-    if kind == "ec-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if kind == "ec-p384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if kind.startswith("rsa-"):
-        return rsa.generate_private_key(public_exponent=65537, key_size=int(kind[4:]))
-    raise ValueError(f"unknown key kind {kind!r}; use ec-p256, ec-p384, rsa-2048, rsa-3072 or rsa-4096")
 
 
 def _name(
@@ -118,13 +105,6 @@ def make_ca(
     return Issued(builder.sign(signer_key, hashes.SHA256()), key)
 
 
-def _san_entry(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
-
-
 def issue_server_cert(
     ca: Issued,
     names: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
@@ -150,7 +130,7 @@ def issue_server_cert(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName([_san_entry(n) for n in names]), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName([san_entry(n) for n in names]), critical=False)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
@@ -218,20 +198,6 @@ def issue_idevid(
     for extension, critical in extra_extensions:
         builder = builder.add_extension(extension, critical=critical)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
-
-
-def write_private_key(path: Path, key, passphrase: Optional[bytes] = None, mode: int = 0o600) -> Path:
-    """Write a PKCS#8 PEM key with ``mode``; an existing file is never overwritten."""
-    encryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    )
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    # O_EXCL: refuse to overwrite; the mode applies at creation, so the key is never briefly readable by others.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, mode)
-    return path
 
 
 def write_certificates(path: Path, certificates: Iterable[x509.Certificate]) -> Path:

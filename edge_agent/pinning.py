@@ -15,6 +15,7 @@ import hmac
 import logging
 import re
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
@@ -42,7 +43,11 @@ class Pin:
             raise ValueError(f"a pin digest has {_DIGEST_SIZE} bytes, got {len(self.digest)}")
 
     def __str__(self) -> str:
-        return PIN_PREFIX + base64.b64encode(self.digest).decode("ascii")
+        return PIN_PREFIX + self.digest_base64
+
+    @property
+    def digest_base64(self) -> str:
+        return base64.b64encode(self.digest).decode("ascii")
 
     @property
     def hex(self) -> str:
@@ -71,13 +76,66 @@ def pin_from_certificate(certificate: x509.Certificate) -> Pin:
 
 @functools.lru_cache(maxsize=64)
 def pin_from_certificate_der(certificate_der: bytes) -> Pin:
-    """Compute the pin of a DER certificate.
+    """Compute the pin of a DER certificate from the SPKI bytes it contains.
 
     The cache is keyed by the complete DER bytes, so a broker that presents
     the same chain on every handshake costs one dictionary lookup per
     certificate after the first time.
     """
-    return pin_from_certificate(x509.load_der_x509_certificate(certificate_der))
+    return pin_from_spki_der(spki_from_certificate_der(certificate_der))
+
+
+def spki_from_certificate_der(certificate_der: bytes) -> bytes:
+    """Return the SubjectPublicKeyInfo exactly as it is encoded in a DER certificate.
+
+    Hashing these bytes needs no certificate parser, so a certificate that
+    ``cryptography`` refuses to load (a name string that its ASN.1 type
+    forbids, for example) still gets its pin; OpenSSL accepts such
+    certificates in a handshake. Raises ``ValueError`` on malformed DER.
+    """
+    certificate = _der_children(certificate_der, 0, len(certificate_der))
+    if not certificate or certificate[0][0] != _DER_SEQUENCE:
+        raise ValueError("not a DER certificate: no tbsCertificate SEQUENCE")
+    _, _, tbs_end, tbs_start = certificate[0]
+    tbs = _der_children(certificate_der, tbs_start, tbs_end)
+    # tbsCertificate: [0] version (optional), serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo.
+    index = 6 if tbs and tbs[0][0] == _DER_VERSION_TAG else 5
+    if len(tbs) <= index or tbs[index][0] != _DER_SEQUENCE:
+        raise ValueError("not a DER certificate: no subjectPublicKeyInfo SEQUENCE")
+    return certificate_der[tbs[index][3]:tbs[index][2]]
+
+
+_DER_SEQUENCE = 0x30
+_DER_VERSION_TAG = 0xA0
+
+
+def _der_children(data: bytes, start: int, end: int) -> "list[tuple[int, int, int, int]]":
+    """Split the DER element at ``start`` into its children: (tag, content start, end, element start)."""
+    content_start, content_end = der_element_span(data, start, end)
+    children = []
+    offset = content_start
+    while offset < content_end:
+        child_start, child_end = der_element_span(data, offset, content_end)
+        children.append((data[offset], child_start, child_end, offset))
+        offset = child_end
+    return children
+
+
+def der_element_span(data: bytes, offset: int, limit: int) -> "tuple[int, int]":
+    """Return (content start, end) of the DER element at ``offset``; raise ``ValueError`` past ``limit``."""
+    if offset + 2 > limit:
+        raise ValueError("truncated DER element")
+    length = data[offset + 1]
+    header = 2
+    if length & 0x80:
+        size = length & 0x7F
+        if size == 0 or size > 4 or offset + 2 + size > limit:
+            raise ValueError("unsupported DER length")
+        length = int.from_bytes(data[offset + 2:offset + 2 + size], "big")
+        header += size
+    if offset + header + length > limit:
+        raise ValueError("truncated DER element")
+    return offset + header, offset + header + length
 
 
 def parse_pin(text: str) -> Pin:
@@ -190,29 +248,131 @@ class PinMismatchError(ssl.SSLCertVerificationError):
             f"expected one of [{expected_text}], broker presented [{presented_text}]"
         )
 
+    def __str__(self) -> str:
+        # SSLError's own __str__ shows the args tuple when there is no errno.
+        return self.args[0]
+
+
+# Pin-set states by expiry date, as ``PinSet.status`` reports them.
+NO_EXPIRY = "no-expiry"
+VALID = "valid"
+EXPIRING = "expiring"
+EXPIRED = "expired"
+
+# Rate limits for the repeated expiry messages of one pin-set, in seconds.
+_EXPIRING_LOG_INTERVAL_S = 24 * 3600.0
+_EXPIRED_LOG_INTERVAL_S = 3600.0
+
+
+def _days(count: int) -> str:
+    return "1 day" if count == 1 else f"{count} days"
+
+
+def utc_today() -> datetime.date:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+@dataclass(frozen=True)
+class PinSetStatus:
+    """The state of a pin-set against its expiry date on one day.
+
+    ``days_left`` is negative once the set has expired and None without an
+    expiry date; ``message`` is empty while no warning is due.
+    """
+
+    state: str
+    expires: Optional[datetime.date]
+    days_left: Optional[int]
+    enforced: bool
+    message: str
+
+    def to_dict(self) -> dict:
+        return {
+            "state": self.state,
+            "expires": None if self.expires is None else self.expires.isoformat(),
+            "days_left": self.days_left,
+            "enforced": self.enforced,
+            "message": self.message,
+        }
+
+
+class _RateLimit:
+    """Monotonic timestamps of the last expiry messages of one pin-set."""
+
+    def __init__(self) -> None:
+        self._last: "dict[str, float]" = {}
+
+    def due(self, key: str, interval_s: float) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < interval_s:
+            return False
+        self._last[key] = now
+        return True
+
 
 @dataclass(frozen=True)
 class PinSet:
     """The configured pins and what happens when the set expires.
 
-    ``on_expiry`` is ``"enforce"`` (keep checking pins) or ``"ca-only"`` (after
-    ``expires`` only the CA chain and host name are checked).
+    Like Android's ``<pin-set expiration>``, the set is valid through the day
+    ``expires`` (UTC) and expired from the next day on. ``on_expiry`` is
+    ``"enforce"`` (keep checking pins, the default) or ``"ca-only"`` (after
+    ``expires`` only the CA chain and host name are checked, with a warning on
+    every handshake). Warnings start ``warn_days`` days before ``expires``.
     """
 
     pins: "tuple[Pin, ...]"
     expires: Optional[datetime.date] = None
     on_expiry: str = "enforce"
     warn_days: int = 30
-    _warned: "list[bool]" = field(default_factory=lambda: [False], compare=False, repr=False)
+    _log_limit: _RateLimit = field(default_factory=_RateLimit, compare=False, repr=False)
 
     def is_expired(self, today: Optional[datetime.date] = None) -> bool:
         if self.expires is None:
             return False
-        today = today or datetime.datetime.now(datetime.timezone.utc).date()
-        return today > self.expires
+        return (today or utc_today()) > self.expires
 
     def enforced(self, today: Optional[datetime.date] = None) -> bool:
         return not (self.on_expiry == "ca-only" and self.is_expired(today))
+
+    def status(self, today: Optional[datetime.date] = None) -> PinSetStatus:
+        """Report the expiry state on ``today`` (default: the current UTC date)."""
+        if self.expires is None:
+            return PinSetStatus(NO_EXPIRY, None, None, True, "")
+
+        today = today or utc_today()
+        days_left = (self.expires - today).days
+        enforced = self.enforced(today)
+        if days_left < 0:
+            return PinSetStatus(EXPIRED, self.expires, days_left, enforced, self._expired_message(-days_left, enforced))
+        if days_left <= self.warn_days:
+            return PinSetStatus(EXPIRING, self.expires, days_left, True, self._expiring_message(days_left))
+        return PinSetStatus(VALID, self.expires, days_left, True, "")
+
+    def _expiring_message(self, days_left: int) -> str:
+        when = "today" if days_left == 0 else f"in {_days(days_left)}"
+        after = (
+            "the agent keeps enforcing these pins (broker.pins_on_expiry = 'enforce')"
+            if self.on_expiry == "enforce"
+            else "the agent stops checking pins and trusts CA validation alone (broker.pins_on_expiry = 'ca-only')"
+        )
+        return (
+            f"pin-set expires on {self.expires.isoformat()}, {when}; after that day {after}; "
+            "roll out the new pins with a later broker.pins_expire before then"
+        )
+
+    def _expired_message(self, days_ago: int, enforced: bool) -> str:
+        if enforced:
+            return (
+                f"pin-set expired on {self.expires.isoformat()} ({_days(days_ago)} ago) and pins are still enforced "
+                "(broker.pins_on_expiry = 'enforce'); review broker.pins and set a later broker.pins_expire"
+            )
+        return (
+            f"pin-set expired on {self.expires.isoformat()} ({_days(days_ago)} ago) and broker.pins_on_expiry = 'ca-only': "
+            "pins are NOT checked and any broker certificate that chains to broker.ca_file is accepted; "
+            "set new broker.pins and a later broker.pins_expire to restore pinning"
+        )
 
     def first_match(self, chain: Sequence[Pin]) -> Optional[Pin]:
         """Return the configured pin that matches a chain member, or None.
@@ -227,23 +387,41 @@ class PinSet:
                     found = configured
         return found
 
-    def check_chain(self, chain_der: Sequence[bytes], server: str = "") -> Optional[Pin]:
+    def backup_pins(self, live_chain: Sequence[Pin]) -> "tuple[Pin, ...]":
+        """Return the configured pins that match no certificate of ``live_chain``.
+
+        These are the backups: they keep gateways connected when the broker
+        moves to a key outside the live chain. When none is left, losing one
+        key of the live chain locks every gateway out.
+        """
+        return tuple(pin for pin in self.pins if not any(pin.matches(live) for live in live_chain))
+
+    def check_chain(
+        self, chain_der: Sequence[bytes], server: str = "", today: Optional[datetime.date] = None
+    ) -> Optional[Pin]:
         """Raise ``PinMismatchError`` unless the verified chain matches a pin.
 
         An empty chain fails, because nothing was verified. Returns the pin that
         matched, or None when the expired pin-set runs in CA-only mode.
         """
         presented = [pin_from_certificate_der(der) for der in chain_der]
-        if not self.enforced():
-            if not self._warned[0]:
-                logger.warning(
-                    "pin-set expired on %s and pins.on_expiry is 'ca-only': %s accepted on CA validation alone",
-                    self.expires, server or "broker",
-                )
-                self._warned[0] = True
+        status = self.status(today)
+        self._log_expiry(status, server)
+        if not status.enforced:
+            # Logged on every handshake, so that running without pins never goes unnoticed.
+            logger.warning(
+                "pin check skipped for %s: %s; the broker presented [%s]",
+                server or "broker", status.message, ", ".join(map(str, presented)) or "none",
+            )
             return None
 
         match = self.first_match(presented) if presented else None
         if match is None:
             raise PinMismatchError(self.pins, presented, server)
         return match
+
+    def _log_expiry(self, status: PinSetStatus, server: str) -> None:
+        if status.state == EXPIRING and self._log_limit.due(EXPIRING, _EXPIRING_LOG_INTERVAL_S):
+            logger.warning("%s: %s", server or "broker", status.message)
+        elif status.state == EXPIRED and status.enforced and self._log_limit.due(EXPIRED, _EXPIRED_LOG_INTERVAL_S):
+            logger.error("%s: %s", server or "broker", status.message)

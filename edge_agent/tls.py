@@ -34,14 +34,7 @@ def verified_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
     an empty chain, so the caller falls back to the verified leaf and an empty
     result can never pass the pin check.
     """
-    getter = getattr(sock, "get_verified_chain", None)
-    if getter is None:
-        getter = getattr(getattr(sock, "_sslobj", None), "get_verified_chain", None)
-
-    chain: List[bytes] = []
-    if getter is not None:
-        for item in getter() or []:
-            chain.append(item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER))
+    chain = _chain_der(sock, "get_verified_chain") or []
     if not chain:
         leaf = sock.getpeercert(binary_form=True)
         if leaf:
@@ -49,11 +42,39 @@ def verified_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
     return chain
 
 
+def presented_chain_der(sock: ssl.SSLSocket) -> List[bytes]:
+    """Return the DER certificates the peer sent, in its order, verified or not.
+
+    For display only: pins are never matched against this list, because a
+    peer may append any certificate it likes. Python 3.9 returns the leaf alone.
+    """
+    chain = _chain_der(sock, "get_unverified_chain")
+    if chain is None:
+        leaf = sock.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    return chain
+
+
+def _chain_der(sock: ssl.SSLSocket, method: str) -> Optional[List[bytes]]:
+    """Call ``method`` where this Python has it, or return None on 3.9."""
+    getter = getattr(sock, method, None)
+    if getter is None:
+        getter = getattr(getattr(sock, "_sslobj", None), method, None)
+    if getter is None:
+        return None
+    return [item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER) for item in getter() or []]
+
+
 class PinnedSSLSocket(ssl.SSLSocket):
     """An ``SSLSocket`` that checks the context's pin-set right after the handshake."""
 
     def do_handshake(self, block: bool = False) -> None:
-        super().do_handshake(block)
+        try:
+            super().do_handshake(block)
+        except OSError:
+            # paho does not close a socket whose handshake failed; without this each failed attempt leaks it.
+            self.close()
+            raise
         context = self.context
         pin_set: Optional[PinSet] = getattr(context, "pin_set", None)
         server = f"{getattr(context, 'peer_label', '')}" or str(self.server_hostname)

@@ -23,6 +23,7 @@ from edge_agent.config import BrokerConfig, ReconnectConfig
 from edge_agent.pinning import PinMismatchError
 from edge_agent.spool import Spool
 from edge_agent.telemetry import status_topic
+from edge_agent.tlserrors import describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -196,15 +197,11 @@ class Uplink:
 
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
-        except PinMismatchError as exc:
-            self.counters.pin_failures += 1
-            return self._failed(client, f"pin mismatch: {exc}")
-        except ssl.SSLCertVerificationError as exc:
-            return self._failed(client, f"certificate verification failed: {exc.verify_message or exc}")
-        except ssl.SSLError as exc:
-            return self._failed(client, f"TLS handshake failed: {exc}")
-        except (TimeoutError, OSError) as exc:
-            return self._failed(client, f"connection failed: {exc or type(exc).__name__}")
+        except OSError as exc:
+            # ssl.SSLError and the pin check's PinMismatchError are OSErrors too.
+            if isinstance(exc, PinMismatchError):
+                self.counters.pin_failures += 1
+            return self._failed(client, describe_tls_error(exc))
 
         client.loop_start()
         if not self._connack.wait(self.broker.connack_timeout_s):

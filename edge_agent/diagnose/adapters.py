@@ -15,14 +15,16 @@ from cryptography import x509
 
 from edge_agent import identity as identity_module
 from edge_agent.config import BrokerConfig, EntropyConfig, IdentityConfig, SpoolConfig, ThermalConfig, secret_file_mode_problem
-from edge_agent.diagnose.classify import FailureClass, classify_tls_error
+from edge_agent import tlserrors
+from edge_agent.diagnose import classify
+from edge_agent.diagnose.classify import FailureClass
 from edge_agent.diagnose.render import split_fix
 from edge_agent.entropy import EntropyGate, EntropyStatus
 from edge_agent.errors import EdgeAgentError, IdentityError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.spool import SpoolStats
 from edge_agent.thermal import ThermalGovernor
-from edge_agent.tls import PinnedContext, create_client_context, verified_chain_der
+from edge_agent.tls import PinnedContext, create_client_context, presented_chain_der, verified_chain_der
 
 # --- identity ---------------------------------------------------------------
 
@@ -164,21 +166,34 @@ def verified_chain(sock: ssl.SSLSocket) -> List[x509.Certificate]:
 
 
 def unverified_chain(sock: ssl.SSLSocket) -> List[x509.Certificate]:
-    """Return the chain the server sent, unverified; only the leaf before Python 3.10."""
-    getter = getattr(sock, "get_unverified_chain", None) or getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
-    chain: List[bytes] = []
-    if getter is not None:
-        for item in getter() or []:
-            chain.append(item if isinstance(item, bytes) else item.public_bytes(ssl._ssl.ENCODING_DER))
-    if not chain:
-        leaf = sock.getpeercert(binary_form=True)
-        chain = [leaf] if leaf else []
-    return [x509.load_der_x509_certificate(der) for der in chain]
+    """Return the chain the server sent, unverified and for display only."""
+    return [x509.load_der_x509_certificate(der) for der in presented_chain_der(sock)]
+
+
+# The classes of edge_agent.tlserrors, as the failure classes that carry a technician's remedy.
+_SHARED_CLASSES = {
+    tlserrors.PIN_MISMATCH: classify.PIN_MISMATCH,
+    tlserrors.UNTRUSTED_CHAIN: classify.UNTRUSTED_CHAIN,
+    tlserrors.HOSTNAME_MISMATCH: classify.HOSTNAME_MISMATCH,
+    tlserrors.EXPIRED: classify.CERT_EXPIRED,
+    tlserrors.NOT_YET_VALID: classify.CERT_NOT_YET_VALID,
+    tlserrors.CERTIFICATE_INVALID: classify.CERT_INVALID,
+    tlserrors.TLS_VERSION: classify.TLS_VERSION,
+    tlserrors.NOT_TLS: classify.NOT_TLS,
+    tlserrors.CLIENT_CERTIFICATE_REJECTED: classify.CLIENT_CERT_REJECTED,
+    tlserrors.HANDSHAKE_FAILURE: classify.HANDSHAKE_FAILURE,
+    tlserrors.RESET: classify.RESET,
+    tlserrors.CLOSED: classify.RESET,
+    tlserrors.TIMEOUT: classify.TIMED_OUT,
+    tlserrors.REFUSED: classify.CONNECTION_REFUSED,
+    tlserrors.DNS: classify.DNS_FAILURE,
+    tlserrors.NETWORK: classify.UNREACHABLE,
+}
 
 
 def classify_tls_failure(exc: BaseException) -> FailureClass:
-    """Sort a TLS or socket error into the failure class a technician acts on."""
-    return classify_tls_error(exc)
+    """Sort an error of the TCP connect, the TLS handshake or the pin check into a class with its remedy."""
+    return _SHARED_CLASSES.get(tlserrors.classify_tls_error(exc), classify.TLS_FAILURE)
 
 
 # --- hardware and storage ---------------------------------------------------

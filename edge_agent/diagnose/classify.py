@@ -6,7 +6,6 @@ device certificate), not in OpenSSL's words. The OpenSSL reason stays
 available as the detail of the finding.
 """
 
-import errno
 import socket
 import ssl
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ TIMED_OUT = FailureClass(
 )
 RESET = FailureClass(
     "reset-during-handshake",
-    "the connection was reset during the TLS handshake",
+    "the connection was reset or closed during the TLS handshake",
     "Something cut the connection before TLS was set up: check that the port serves MQTT over TLS (not plain MQTT "
     "on 1883) and whether a firewall or proxy on the uplink resets TLS connections.",
 )
@@ -95,6 +94,12 @@ CERT_NOT_YET_VALID = FailureClass(
     "Check the gateway's clock first ('timedatectl status'). If the clock is right, the broker certificate was "
     "issued with a start date in the future: ask the cloud team.",
 )
+CERT_INVALID = FailureClass(
+    "cert-invalid",
+    "the broker certificate failed verification for another reason",
+    "Read OpenSSL's verify message in the finding (purpose, extensions or a bad signature) and pass it to the "
+    "cloud team with the broker certificate shown.",
+)
 PIN_MISMATCH = FailureClass(
     "pin-mismatch",
     "no configured pin matches the broker's verified chain",
@@ -118,76 +123,6 @@ TLS_FAILURE = FailureClass(
     "the TLS connection failed",
     "Read the OpenSSL reason in the finding; check broker.ca_file, broker.port and the uplink.",
 )
-
-_VERIFY_CODE_CLASSES = {
-    9: CERT_NOT_YET_VALID,   # X509_V_ERR_CERT_NOT_YET_VALID
-    10: CERT_EXPIRED,        # X509_V_ERR_CERT_HAS_EXPIRED
-    62: HOSTNAME_MISMATCH,   # X509_V_ERR_HOSTNAME_MISMATCH
-    63: HOSTNAME_MISMATCH,   # X509_V_ERR_EMAIL_MISMATCH
-    64: HOSTNAME_MISMATCH,   # X509_V_ERR_IP_ADDRESS_MISMATCH
-}
-
-# OpenSSL reason codes of alerts that a server sends about the client certificate.
-_CLIENT_CERT_ALERTS = (
-    "CERTIFICATE_REQUIRED",
-    "UNKNOWN_CA",
-    "BAD_CERTIFICATE",
-    "CERTIFICATE_UNKNOWN",
-    "CERTIFICATE_REVOKED",
-    "CERTIFICATE_EXPIRED",
-    "UNSUPPORTED_CERTIFICATE",
-    "ACCESS_DENIED",
-)
-_VERSION_REASONS = ("UNSUPPORTED_PROTOCOL", "PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE", "VERSION_TOO_LOW")
-_NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE")
-_UNREACHABLE_ERRNOS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN)
-
-
-def classify_connect_error(exc: BaseException) -> FailureClass:
-    """Classify an error of the TCP connect step."""
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return TIMED_OUT
-    if isinstance(exc, ConnectionRefusedError):
-        return CONNECTION_REFUSED
-    if isinstance(exc, socket.gaierror):
-        return DNS_FAILURE
-    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
-        return UNREACHABLE
-    if isinstance(exc, ConnectionResetError):
-        return RESET
-    return TLS_FAILURE if isinstance(exc, ssl.SSLError) else UNREACHABLE
-
-
-def classify_tls_error(exc: BaseException) -> FailureClass:
-    """Classify an error raised by the TLS handshake, the pin check or the first read after them."""
-    if isinstance(exc, PinMismatchError):
-        return PIN_MISMATCH
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_CODE_CLASSES.get(exc.verify_code, UNTRUSTED_CHAIN)
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return TIMED_OUT
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-        return RESET
-    if isinstance(exc, ssl.SSLError):
-        return _classify_ssl_reason(exc.reason or "")
-    if isinstance(exc, OSError):
-        return classify_connect_error(exc)
-    return TLS_FAILURE
-
-
-def _classify_ssl_reason(reason: str) -> FailureClass:
-    if "ALERT" in reason and any(alert in reason for alert in _CLIENT_CERT_ALERTS):
-        return CLIENT_CERT_REJECTED
-    if any(marker in reason for marker in _VERSION_REASONS):
-        return TLS_VERSION
-    if any(marker in reason for marker in _NOT_TLS_REASONS):
-        return NOT_TLS
-    if "UNEXPECTED_EOF" in reason:
-        return RESET
-    if "HANDSHAKE_FAILURE" in reason:
-        return HANDSHAKE_FAILURE
-    return TLS_FAILURE
-
 
 def describe_error(exc: BaseException) -> str:
     """Return the concrete reason of an error in one line, e.g. OpenSSL's verify message."""

@@ -3,7 +3,7 @@
 import ssl
 from typing import List
 
-from edge_agent import BUILD_DATE
+from edge_agent import BUILD_DATE, pinning
 from edge_agent.config import EntropyConfig, ThermalConfig, load_config
 from edge_agent.diagnose import adapters
 from edge_agent.diagnose.context import DiagnoseContext, labelled, ok, result, skipped
@@ -159,20 +159,20 @@ def check_pins_expiry(ctx: DiagnoseContext) -> CheckResult:
         return skipped("pins.expiry", NO_CONFIG)
     broker = ctx.config.broker
     count = len(broker.pins)
-    if broker.pins_expire is None:
+    status = broker.pin_set.status(ctx.now().date())
+    if status.days_left is None:
         return ok("pins.expiry", f"{count} pins, no expiry date set (broker.pins_expire)")
 
-    today = ctx.now().date()
-    days = (broker.pins_expire - today).days
+    days = status.days_left
     rotate = "Deploy a configuration with the new broker pins and a later broker.pins_expire."
-    if days < 0:
+    if status.state == pinning.EXPIRED:
         mode = (
             "pins are still enforced (pins_on_expiry = enforce)"
             if broker.pins_on_expiry == "enforce"
             else "only the CA chain and host name are checked now (pins_on_expiry = ca-only)"
         )
         return result("pins.expiry", Status.WARNING, f"the pin-set expired on {broker.pins_expire}; {mode}", rotate)
-    if days <= broker.pins_warn_days:
+    if status.state == pinning.EXPIRING:
         return result(
             "pins.expiry", Status.WARNING, f"the pin-set expires in {days} days, on {broker.pins_expire}", rotate
         )

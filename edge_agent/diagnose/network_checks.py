@@ -145,7 +145,7 @@ def check_tcp(ctx: DiagnoseContext) -> CheckResult:
         elapsed_ms = (time.monotonic() - started) * 1000
         return ok("broker.tcp", f"connected to {_endpoint(address)} in {elapsed_ms:.0f} ms", tuple(failures))
 
-    failure = classify.classify_connect_error(last_error)
+    failure = adapters.classify_tls_failure(last_error)
     finding = f"{_endpoint(ctx.addresses[-1][1])}: {failure.summary} ({classify.describe_error(last_error)})"
     return result("broker.tcp", Status.ERROR, finding, failure=failure, details=tuple(failures[:-1]))
 
@@ -395,10 +395,9 @@ def check_backup_pin(ctx: DiagnoseContext) -> CheckResult:
     if _tls_skip_reason(ctx) is not None:
         return ok("pins.backup", f"{len(configured)} distinct pins configured; which one is live needs the broker")
 
-    live = [p for p in configured if any(p.matches(presented) for presented in ctx.tls.presented_pins)]
-    if not live:
+    backups = [configured.index(p) + 1 for p in ctx.config.broker.pin_set.backup_pins(ctx.tls.presented_pins)]
+    if len(backups) == len(configured):
         return skipped("pins.backup", "no configured pin matches the broker (see broker.pin)")
-    backups = [configured.index(p) + 1 for p in configured if p not in live]
     if backups:
         listed = ", ".join(str(n) for n in backups)
         return ok("pins.backup", f"{len(backups)} backup pin(s) (pin {listed}) match no current certificate, ready for a key rotation")
