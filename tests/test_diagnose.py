@@ -18,9 +18,11 @@ from cryptography import x509
 from edge_agent.agentstate import state_file_path
 from edge_agent.devbroker import DevBroker, free_port
 from edge_agent.devpki import Issued, issue_idevid, issue_server_cert, make_ca, new_key, write_certificates, write_private_key
+from edge_agent.diagnose import adapters
 from edge_agent.diagnose.model import Report, Status
 from edge_agent.diagnose.render import render_json, render_text, supports_colour
 from edge_agent.diagnose.runner import CHECK_IDS, run_diagnosis
+from edge_agent.entropy import EntropyStatus
 from edge_agent.pinning import pin_from_public_key
 from edge_agent.spool import Spool
 
@@ -290,6 +292,19 @@ def test_entropy_low_pool_fails(write_config, tmp_path):
 
     assert status_of(report, "entropy") is Status.ERROR
     assert "entropy_avail 40 bits" in report.result("entropy").finding
+
+
+def test_crng_not_ready_skips_tls(broker, write_config, monkeypatch):
+    # The CRNG of a running machine cannot be made unready, so only its reading is replaced.
+    not_ready = EntropyStatus(False, None, False, False, "kernel CRNG not initialised (getrandom would block)")
+    monkeypatch.setattr(adapters, "entropy_status", lambda settings: not_ready)
+
+    report = diagnose(write_config(broker.port), only=("entropy",) + NETWORK)
+
+    assert status_of(report, "entropy") is Status.ERROR
+    assert status_of(report, "broker.tcp") is Status.OK
+    assert status_of(report, "broker.tls") is Status.SKIPPED
+    assert "would block" in report.result("broker.tls").finding
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from edge_agent.tls import PinnedContext, create_client_context, presented_chain
 # The IDevID steps in the order they are shown. "key-mode" is diagnose's own
 # stat-only check of the key file; the others map the checks of
 # edge_agent.identity.validate_identity, whose "identity" check is shown as
-# "device-id". "ldevid" sums up the LDevID, and "selection" says which
+# "device-id". "ldevid" sums up the LDevID, and "selection" names the
 # credential TLS presents.
 IDENTITY_STEPS = ("certificate", "leaf", "key-mode", "key-match", "chain", "time", "device-id", "ldevid", "selection")
 _REPORT_STEP_NAMES = {"identity": "device-id"}

@@ -77,6 +77,8 @@ class DiagnoseContext:
     addresses: List[tuple] = field(default_factory=list)
     connected_socket: Optional[socket.socket] = None
     peer: Optional[tuple] = None
+    # False when the entropy check found the kernel CRNG not initialised: OpenSSL would block in getrandom().
+    crng_ready: Optional[bool] = None
     tls: Optional[TlsOutcome] = None
     agent_state: Optional[AgentState] = None
     agent_running: Optional[bool] = None

@@ -98,6 +98,7 @@ def identity_step_check(name: str):
 def check_entropy(ctx: DiagnoseContext) -> CheckResult:
     settings = ctx.config.entropy if ctx.config is not None else EntropyConfig()
     status = adapters.entropy_status(settings)
+    ctx.crng_ready = status.crng_ready
     if status.ready:
         return ok("entropy", status.detail)
     return result(

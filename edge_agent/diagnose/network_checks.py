@@ -160,6 +160,8 @@ def _endpoint(address: tuple) -> str:
 
 def check_tls(ctx: DiagnoseContext) -> CheckResult:
     reason = _skip_reason(ctx) or (None if ctx.connected_socket else "no TCP connection to the broker")
+    if reason is None and ctx.crng_ready is False:
+        reason = "the kernel random generator is not ready, so a TLS handshake would block (see entropy)"
     if reason:
         return skipped("broker.tls", reason)
 
