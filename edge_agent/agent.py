@@ -14,16 +14,17 @@ from typing import Optional
 
 from edge_agent import __version__
 from edge_agent.agentstate import AgentStateWriter, state_file_path
+from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.entropy import EntropyGate
 from edge_agent.errors import EdgeAgentError, SpoolError
 from edge_agent.identity import DeviceIdentity, load_identity
 from edge_agent.sdnotify import Notifier
-from edge_agent.spool import Spool
+from edge_agent.spool import Spool, milliseconds_since_boot
 from edge_agent.telemetry import SystemSampler, build_message, read_boot_id, telemetry_topic
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
-from edge_agent.uplink import STABLE_SESSION_S, Backoff, Uplink
+from edge_agent.uplink import Uplink
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,14 @@ class Agent:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
-        self.spool_write_failures = 0
 
         self.spool = Spool(
             config.spool.path,
             max_messages=config.spool.max_messages,
             max_bytes=config.spool.max_bytes,
             overflow=config.spool.overflow,
+            sequence_key=self.sequence_key,
+            sequence_floor=milliseconds_since_boot,
         )
         self.entropy = EntropyGate(config.entropy)
         self.thermal = ThermalGovernor(config.thermal)
@@ -94,7 +96,6 @@ class Agent:
             "connection": self.uplink.state,
             "queue_depth": stats.depth,
             "spool": stats.to_dict(),
-            "spool_write_failures": self.spool_write_failures,
             "pin_failures": self.uplink.counters.pin_failures,
             "connects": self.uplink.counters.connects,
             "connect_failures": self.uplink.counters.connect_failures,
@@ -107,7 +108,12 @@ class Agent:
     # --- jobs -------------------------------------------------------------
 
     def sample_telemetry(self) -> Optional[int]:
-        """Take one reading and store it in the spool; return the message id once it is durable."""
+        """Take one reading and store it in the spool; return the message id once it is durable.
+
+        A reading the spool cannot store is not accepted. It is counted in
+        ``spool.unstored_total`` and, while connected, sent once at QoS 0 with
+        ``seq`` null so that the broker still learns about the failure.
+        """
         system = self.sampler.sample()
         thermal = self.thermal.to_dict()
         if thermal["available"]:
@@ -118,11 +124,13 @@ class Agent:
             return build_message(self.device_id, self.boot_id, sequence, system, agent_health)
 
         try:
-            return self.spool.append_sequenced(self.topic, build, self.sequence_key)
+            return self.spool.append_sequenced(self.topic, build)
         except SpoolError as exc:
-            self.spool_write_failures += 1
-            logger.error("telemetry reading not accepted (%d so far): %s", self.spool_write_failures, exc)
-            return None
+            logger.error("telemetry reading not stored; it is counted in spool.unstored_total: %s", exc)
+
+        payload = build_message(self.device_id, self.boot_id, None, system, self.health())
+        self.uplink.publish_unspooled(self.topic, payload)
+        return None
 
     def try_connect(self, now: float) -> None:
         if not self.entropy.wait_until_ready(f"TLS handshake with {self.config.broker.host}"):
@@ -136,9 +144,7 @@ class Agent:
 
     def _after_pump(self, was_connected: bool) -> None:
         if was_connected and self.uplink.state != "connected":
-            if self.uplink.last_session_s >= STABLE_SESSION_S:
-                self.backoff.reset()
-            delay = self.backoff.next_delay(self.thermal.slowdown)
+            delay = self.backoff.after_session(self.uplink.last_session_s, self.thermal.slowdown)
             logger.info("reconnecting to %s in %.1f s", self.config.broker.host, delay)
             self._schedule.next_connect = time.monotonic() + delay
 
@@ -194,12 +200,13 @@ class Agent:
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self.reload()
+                # Cleared before the step, so an event that arrives during it still ends the wait below.
+                self.wake.clear()
                 timeout = self.step(now)
                 # Reaching this line means the loop made progress, so the watchdog may be fed.
                 self.notifier.watchdog()
                 self.notifier.status(self.status_line())
                 self.wake.wait(timeout)
-                self.wake.clear()
         finally:
             self.shutdown()
 

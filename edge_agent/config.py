@@ -139,9 +139,13 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class ReconnectConfig:
-    """Backoff between connection attempts: full jitter under a cap that doubles per failure."""
+    """Backoff between connection attempts: full jitter under a cap that doubles per failure.
 
-    min_delay_s: float = _key(1.0, kind="float", min=0.05, max=3600.0)
+    ``min_delay_s`` is the first cap, so after a broker restart a fleet's
+    reconnects spread over that many seconds.
+    """
+
+    min_delay_s: float = _key(5.0, kind="float", min=0.05, max=3600.0)
     max_delay_s: float = _key(120.0, kind="float", min=0.1, max=86400.0)
 
 

@@ -51,6 +51,8 @@ class DevBroker:
     port: int = 0
     tls_version: Optional[str] = None
     extra_config: str = ""
+    # Keep sessions and queued QoS 1 messages across restart(), as a production broker would.
+    persistence: bool = False
     process: Optional[subprocess.Popen] = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -76,13 +78,16 @@ class DevBroker:
             "require_certificate true",
             "use_identity_as_username true",
             "allow_anonymous false",
-            "persistence false",
+            f"persistence {'true' if self.persistence else 'false'}",
             f"log_dest file {self.log_path}",
             "log_type all",
             "connection_messages true",
         ]
         if self.tls_version:
             lines.append(f"tls_version {self.tls_version}")
+        if self.persistence:
+            lines.append(f"persistence_location {self.folder}/")
+            lines.append(f"persistence_file mosquitto-{self.port}.db")
         if os.geteuid() == 0:
             lines.insert(0, "user root")
         else:
@@ -147,14 +152,16 @@ class Observer:
     """A subscriber that records what arrives, as the cloud side would see it."""
 
     def __init__(self, broker: DevBroker, ca_file: Path, cert: Path, key: Path, topic: str = "#",
-                 client_id: str = "observer") -> None:
+                 client_id: str = "observer", clean_session: bool = True) -> None:
         self.messages: List[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.topic = topic
         context = ssl.create_default_context(cafile=str(ca_file))
         context.load_cert_chain(str(cert), str(key))
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        # clean_session=False with a persistent broker: messages published while the
+        # observer reconnects are queued for it instead of lost.
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
         self.client.tls_set_context(context)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

@@ -2,7 +2,8 @@
 
 Each message carries the device id, a UTC timestamp, the kernel boot id and
 a per-boot sequence number, so the receiving side can order messages and
-drop duplicates that at-least-once delivery may produce.
+drop duplicates that at-least-once delivery may produce. A reading that the
+spool could not store has no sequence number (``seq`` is null).
 """
 
 import datetime
@@ -90,7 +91,7 @@ class SystemSampler:
 def build_message(
     device_id: str,
     boot_id: str,
-    sequence: int,
+    sequence: Optional[int],
     system: Dict[str, Any],
     agent: Dict[str, Any],
     now: Optional[float] = None,

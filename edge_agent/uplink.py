@@ -5,31 +5,34 @@ session lingers in memory: the spool is the only queue. A message leaves the
 spool only when its PUBACK arrives. After a disconnect every unacknowledged
 message is sent again, oldest first, so order is kept and delivery is at
 least once.
+
+Threads: paho's network thread only records events (CONNACK, disconnect,
+PUBACK) and wakes the main loop. Every spool access and every decision runs
+in the thread that calls ``connect``, ``pump`` and ``close``. Each event
+carries the number of the session it belongs to, so a late PUBACK of an
+old session can never delete a message sent under the same packet id in a
+new one.
 """
 
 import logging
 import queue
-import random
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.config import BrokerConfig, ReconnectConfig
+from edge_agent.config import BrokerConfig
+from edge_agent.errors import SpoolError
 from edge_agent.pinning import PinMismatchError
 from edge_agent.spool import Spool
 from edge_agent.telemetry import status_topic
 from edge_agent.tlserrors import describe_tls_error
 
 logger = logging.getLogger(__name__)
-
-# A session that lasted this long resets the backoff; a broker that accepts
-# and then drops the client at once keeps the delay growing.
-STABLE_SESSION_S = 30.0
 
 # paho keeps at most ``window`` messages unacknowledged on the wire; this many
 # windows' worth are handed to it at once, so its network thread can send the
@@ -41,6 +44,9 @@ HANDOFF_WINDOWS = 10
 # means the message is sent once more.
 ACK_BATCH = 256
 ACK_FLUSH_S = 0.2
+
+# A session shorter than this is reported as a likely rejection by the broker.
+SHORT_SESSION_S = 5.0
 
 
 class _PahoNoiseFilter(logging.Filter):
@@ -57,23 +63,6 @@ _paho_logger = logging.getLogger(__name__ + ".paho")
 _paho_logger.addFilter(_PahoNoiseFilter())
 
 
-class Backoff:
-    """Exponential backoff with full jitter: a uniform delay under a cap that doubles per failure."""
-
-    def __init__(self, settings: ReconnectConfig, rng: Callable[[], float] = random.random) -> None:
-        self.settings = settings
-        self.failures = 0
-        self._rng = rng
-
-    def next_delay(self, slowdown: float = 1.0) -> float:
-        cap = min(self.settings.max_delay_s, self.settings.min_delay_s * (2 ** min(self.failures, 32)))
-        self.failures += 1
-        return max(self.settings.min_delay_s * 0.1, self._rng() * cap) * slowdown
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
 @dataclass
 class UplinkCounters:
     """Connection and delivery counters reported in telemetry."""
@@ -84,7 +73,17 @@ class UplinkCounters:
     disconnects: int = 0
     published: int = 0
     acknowledged: int = 0
+    rejected: int = 0
+    unspooled: int = 0
     callback_errors: int = 0
+
+
+class _Ack(NamedTuple):
+    """A PUBACK as paho's network thread reported it."""
+
+    session: int
+    mid: int
+    failure: Optional[str]
 
 
 class Uplink:
@@ -116,7 +115,8 @@ class Uplink:
         self.last_session_s = 0.0
 
         self._client: Optional[mqtt.Client] = None
-        self._acks: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self._session = 0
+        self._acks: "queue.SimpleQueue[_Ack]" = queue.SimpleQueue()
         self._connack = threading.Event()
         self._connack_code: Optional[mqtt.ReasonCode] = None
         self._lost = threading.Event()
@@ -127,17 +127,23 @@ class Uplink:
         self._last_flush = time.monotonic()
 
     # --- paho callbacks (network thread) ----------------------------------
+    # Each callback only records the event. An exception is logged and
+    # swallowed, because one escaping into paho would stop its network loop.
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
+            if userdata != self._session:
+                return
             self._connack_code = reason_code
             self._connack.set()
             self.wake.set()
-        except Exception:  # a callback must never stop the network loop
+        except Exception:
             self._callback_failed("on_connect")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
+            if userdata != self._session:
+                return
             self._lost.set()
             self._connack.set()
             self.wake.set()
@@ -147,7 +153,9 @@ class Uplink:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
-            self._acks.put(mid)
+            # MQTT 5 PUBACKs carry a reason code; 3.1.1 ones are always a success.
+            failure = str(reason_code) if reason_code is not None and reason_code.is_failure else None
+            self._acks.put(_Ack(userdata, mid, failure))
             self._unseen_acks += 1
             # Waking the main loop per acknowledgement would fight paho's thread for the GIL;
             # wake it when a quarter of the hand-off is free or everything in flight is acknowledged.
@@ -170,13 +178,23 @@ class Uplink:
     def _new_client(self) -> mqtt.Client:
         protocol = mqtt.MQTTv5 if self.broker.mqtt_version == "5" else mqtt.MQTTv311
         options = {} if protocol == mqtt.MQTTv5 else {"clean_session": True}
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol, **options)
+        # reconnect_on_failure=False: paho must never reconnect on its own. Every
+        # attempt goes through connect(), after the backoff and the entropy check.
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            userdata=self._session,
+            reconnect_on_failure=False,
+            **options,
+        )
         client.suppress_exceptions = True
         client.enable_logger(_paho_logger)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.tls_set_context(self.context_factory())
+        # paho applies this to the TCP connect and to each read of the TLS handshake.
         client.connect_timeout = self.broker.handshake_timeout_s
         client.max_inflight_messages_set(self.window)
         client.will_set(self.status_topic, b"offline", qos=1, retain=True)
@@ -188,6 +206,7 @@ class Uplink:
         The TCP connect, TLS handshake and pin check run in this thread and are
         bounded by ``handshake_timeout_s``; the CONNACK wait by ``connack_timeout_s``.
         """
+        self._session += 1
         self.state = "connecting"
         self._connack.clear()
         self._lost.clear()
@@ -197,11 +216,17 @@ class Uplink:
 
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+        except TimeoutError:
+            return self._failed(
+                client, f"timeout: TCP connect or TLS handshake timed out after {self.broker.handshake_timeout_s:g} s"
+            )
         except OSError as exc:
             # ssl.SSLError and the pin check's PinMismatchError are OSErrors too.
             if isinstance(exc, PinMismatchError):
                 self.counters.pin_failures += 1
             return self._failed(client, describe_tls_error(exc))
+        except ValueError as exc:
+            return self._failed(client, f"connection failed: {exc}")
 
         client.loop_start()
         if not self._connack.wait(self.broker.connack_timeout_s):
@@ -219,6 +244,7 @@ class Uplink:
         self.last_error = None
         self._inflight.clear()
         self._last_sent_id = 0
+        self._unseen_acks = 0
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         logger.info("connected to %s as %s", self._peer, self.client_id)
         return True
@@ -233,6 +259,7 @@ class Uplink:
 
     @staticmethod
     def _discard(client: mqtt.Client) -> None:
+        """Disconnect and stop paho's network thread; no callback of ``client`` runs afterwards."""
         try:
             client.disconnect()
         except (OSError, ValueError):
@@ -251,38 +278,63 @@ class Uplink:
             return
         self._fill_window()
 
-    def _collect_acks(self) -> None:
+    def _collect_acks(self, flush: bool = False) -> None:
         collected = 0
         while True:
             try:
-                mid = self._acks.get_nowait()
+                ack = self._acks.get_nowait()
             except queue.Empty:
                 break
-            row_id = self._inflight.pop(mid, None)
-            if row_id is not None:
-                self._acked_ids.append(row_id)
-                collected += 1
+            if ack.session != self._session:
+                logger.debug("ignored a PUBACK (mid %d) of an earlier session", ack.mid)
+                continue
+            row_id = self._inflight.pop(ack.mid, None)
+            if row_id is None:
+                continue
+            if ack.failure is not None:
+                self._rejected(row_id, ack.failure)
+                continue
+            self._acked_ids.append(row_id)
+            collected += 1
         if collected:
             self.counters.acknowledged += collected
             self.last_publish_ack = time.time()
 
         due = time.monotonic() - self._last_flush >= ACK_FLUSH_S
-        if len(self._acked_ids) >= ACK_BATCH or (self._acked_ids and (due or not self._inflight)):
+        if flush or len(self._acked_ids) >= ACK_BATCH or (self._acked_ids and (due or not self._inflight)):
             self.flush_acks()
+
+    def _rejected(self, row_id: int, reason: str) -> None:
+        # The broker did not take the message, so it stays in the spool and is
+        # sent again after the next reconnect.
+        self.counters.rejected += 1
+        logger.warning(
+            "broker %s rejected spool message %d (%s); it stays queued and is sent again after the next reconnect",
+            self._peer, row_id, reason,
+        )
 
     def flush_acks(self) -> None:
         """Delete the acknowledged messages from the spool."""
         acked, self._acked_ids = self._acked_ids, []
         self._last_flush = time.monotonic()
-        if acked:
+        if not acked:
+            return
+        try:
             self.spool.ack(acked)
+        except SpoolError as exc:
+            logger.warning("%d acknowledged messages stay in the spool and will be sent again: %s", len(acked), exc)
 
     def _fill_window(self) -> None:
         free = self.handoff - len(self._inflight)
         # Refill only once half the hand-off is free: one spool query per batch, not per acknowledgement.
         if free < max(1, self.handoff // 2):
             return
-        for message in self.spool.peek(free, after_id=self._last_sent_id):
+        try:
+            messages = self.spool.peek(free, after_id=self._last_sent_id)
+        except SpoolError as exc:
+            logger.warning("cannot read queued messages to send to %s: %s", self._peer, exc)
+            return
+        for message in messages:
             info = self._client.publish(message.topic, message.payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 logger.debug("publish of spool message %d deferred: %s", message.id, mqtt.error_string(info.rc))
@@ -291,24 +343,42 @@ class Uplink:
             self._last_sent_id = message.id
             self.counters.published += 1
 
+    def publish_unspooled(self, topic: str, payload: bytes) -> bool:
+        """Send a message that is not in the spool once, at QoS 0, if a session is up.
+
+        Returns True when paho took the message for sending. That is no
+        delivery confirmation: QoS 0 has none, and the message is in memory only.
+        """
+        if self.state != "connected" or self._client is None or self._lost.is_set():
+            return False
+        info = self._client.publish(topic, payload, qos=0)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self.counters.unspooled += 1
+        return True
+
     def _handle_loss(self) -> None:
         uptime = time.monotonic() - (self.connected_since or time.monotonic())
+        hint = ""
+        if uptime < SHORT_SESSION_S:
+            hint = " (a session this short suggests another client with the same client id, or a broker that rejects this one)"
         logger.warning(
-            "lost the connection to %s after %.1f s; %d messages in flight stay in the spool",
-            self._peer, uptime, len(self._inflight),
+            "lost the connection to %s after %.1f s%s; %d messages in flight stay in the spool",
+            self._peer, uptime, hint, len(self._inflight),
         )
         self.counters.disconnects += 1
         self.last_session_s = uptime
         self._teardown()
 
     def _teardown(self) -> None:
-        self.flush_acks()
         client, self._client = self._client, None
         self.state = "disconnected"
-        self._inflight.clear()
-        self._last_sent_id = 0
         if client is not None:
             self._discard(client)
+        # paho's thread has stopped: PUBACKs it recorded until then still count.
+        self._collect_acks(flush=True)
+        self._inflight.clear()
+        self._last_sent_id = 0
 
     def reconfigure(self, broker: BrokerConfig, client_id: str, topic_prefix: str) -> None:
         """Take new broker settings; a live session is closed so the next handshake checks them."""

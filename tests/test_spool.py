@@ -1,11 +1,14 @@
 """The durable spool: order, bounds, persistence and recovery."""
 
-import os
+import signal
+import sqlite3
+import subprocess
+import sys
 
 import pytest
 
 from edge_agent.errors import SpoolError
-from edge_agent.spool import Spool
+from edge_agent.spool import CORRUPT, FULL, UNAVAILABLE, Spool, classify_error
 
 
 @pytest.fixture
@@ -117,15 +120,164 @@ def test_corrupt_file_is_moved_aside(tmp_path, caplog):
     assert "is corrupt" in caplog.text
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions, so a read-only directory cannot be made")
-def test_unwritable_directory_is_clear(tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    os.chmod(folder, 0o500)
-    try:
-        with pytest.raises(SpoolError) as info:
-            Spool(folder / "spool.db")
-    finally:
-        os.chmod(folder, 0o700)
+def test_append_durable_on_return(tmp_path):
+    path = tmp_path / "spool.db"
+    # The process kills itself the moment append returns.
+    script = (
+        "import os, signal, sys\n"
+        "from edge_agent.spool import Spool\n"
+        "Spool(sys.argv[1]).append('t', b'accepted')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True)
 
-    assert "cannot open the spool" in str(info.value)
+    assert result.returncode == -signal.SIGKILL
+    spool = Spool(path)
+    try:
+        assert [m.payload for m in spool.peek(10)] == [b"accepted"]
+    finally:
+        spool.close()
+
+
+def test_new_file_is_private(tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    try:
+        spool.append("t", b"x")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    finally:
+        spool.close()
+
+    assert modes == {"spool.db": 0o600, "spool.db-wal": 0o600, "spool.db-shm": 0o600}
+
+
+def test_failing_build_rolls_back(spool):
+    def build(sequence: int) -> bytes:
+        raise ValueError("reading failed")
+
+    with pytest.raises(ValueError):
+        spool.append_sequenced("t", build)
+    spool.append_sequenced("t", lambda sequence: str(sequence).encode())
+
+    assert [m.payload for m in spool.peek(10)] == [b"1"]
+
+
+def test_closed_spool_rejects_append(tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    spool.close()
+
+    with pytest.raises(SpoolError, match="the spool is closed"):
+        spool.append("t", b"late")
+
+
+def test_unopenable_path_counts_unstored(tmp_path, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+
+    spool = Spool(blocker / "spool.db")
+    try:
+        assert spool.available is False
+        assert "cannot open the spool" in spool.last_error
+        assert "spool unavailable" in caplog.text
+        with pytest.raises(SpoolError):
+            spool.append("t", b"lost")
+        assert spool.peek(10) == []
+        assert spool.stats().unstored_total == 1
+    finally:
+        spool.close()
+
+
+def test_recovers_and_persists_unstored(tmp_path):
+    folder = tmp_path / "later"
+    folder.write_text("")
+    spool = Spool(folder / "spool.db")
+    with pytest.raises(SpoolError):
+        spool.append("t", b"lost")
+
+    folder.unlink()
+    folder.mkdir()
+    spool.append("t", b"kept")
+    spool.close()
+
+    reopened = Spool(folder / "spool.db")
+    try:
+        assert reopened.stats().unstored_total == 1
+        assert [m.payload for m in reopened.peek(10)] == [b"kept"]
+    finally:
+        reopened.close()
+
+
+def _break_message_table(path):
+    """Point the message table at a page beyond the end of the file, as on-disk corruption would."""
+    db = sqlite3.connect(str(path), isolation_level=None)
+    version = db.execute("PRAGMA schema_version").fetchone()[0]
+    db.execute("PRAGMA writable_schema=ON")
+    db.execute("UPDATE sqlite_master SET rootpage = 9999 WHERE name = 'message'")
+    db.execute(f"PRAGMA schema_version={version + 1}")
+    db.close()
+
+
+def test_corruption_at_run_time_replaced(tmp_path, caplog):
+    path = tmp_path / "spool.db"
+    spool = Spool(path, max_messages=10, sequence_key="seq:boot")
+    try:
+        for _ in range(12):
+            spool.append_sequenced("t", lambda seq: str(seq).encode())
+        last_id = spool.peek(100)[-1].id
+        _break_message_table(path)
+
+        new_id = spool.append_sequenced("t", lambda seq: str(seq).encode())
+
+        assert "is corrupt" in caplog.text
+        assert new_id > last_id
+        assert [m.payload for m in spool.peek(100)] == [b"13"]
+        assert spool.stats().dropped_total == 2
+    finally:
+        spool.close()
+    assert len(list(tmp_path.glob("spool.db.corrupt-*[0-9]"))) == 1
+
+
+def test_fresh_file_starts_at_floor(tmp_path):
+    spool = Spool(tmp_path / "spool.db", sequence_key="seq:a", sequence_floor=lambda: 5000)
+    spool.append_sequenced("t", lambda seq: str(seq).encode())
+    spool.close()
+
+    reopened = Spool(tmp_path / "spool.db", sequence_key="seq:a", sequence_floor=lambda: 9000)
+    try:
+        reopened.append_sequenced("t", lambda seq: str(seq).encode())
+        reopened.append_sequenced("t", lambda seq: str(seq).encode(), "seq:b")
+        assert [m.payload for m in reopened.peek(10)] == [b"5001", b"5002", b"1"]
+    finally:
+        reopened.close()
+
+
+def test_old_corrupt_copies_pruned(tmp_path):
+    old = tmp_path / "spool.db.corrupt-20000101T000000"
+    old.write_bytes(b"old")
+    (tmp_path / "spool.db").write_bytes(b"garbage" * 1000)
+
+    Spool(tmp_path / "spool.db").close()
+
+    copies = list(tmp_path.glob("spool.db.corrupt-*[0-9]"))
+    assert len(copies) == 1
+    assert copies[0] != old
+
+
+def test_drop_newest_leaves_sequence_gap(tmp_path):
+    spool = Spool(tmp_path / "spool.db", max_messages=10, overflow="drop-newest")
+    try:
+        for _ in range(11):
+            spool.append_sequenced("t", lambda seq: str(seq).encode())
+        spool.ack([spool.peek(1)[0].id])
+        spool.append_sequenced("t", lambda seq: str(seq).encode())
+
+        assert spool.peek(100)[-1].payload == b"12"
+        assert spool.stats().dropped_total == 1
+    finally:
+        spool.close()
+
+
+def test_classify_error_kinds():
+    assert classify_error(sqlite3.DatabaseError("database disk image is malformed")) == CORRUPT
+    assert classify_error(sqlite3.DatabaseError("file is not a database")) == CORRUPT
+    assert classify_error(sqlite3.OperationalError("database or disk is full")) == FULL
+    assert classify_error(sqlite3.OperationalError("attempt to write a readonly database")) == UNAVAILABLE

@@ -259,7 +259,7 @@ def read_spool_stats(settings: SpoolConfig, now: float) -> Optional[SpoolStats]:
         depth, size, oldest = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM message"
         ).fetchone()
-        row = db.execute("SELECT value FROM meta WHERE key = 'dropped_total'").fetchone()
+        counters = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('dropped_total', 'unstored_total')"))
     except sqlite3.Error as exc:
         raise EdgeAgentError(f"{path}: cannot read the spool: {exc}") from None
     finally:
@@ -268,5 +268,7 @@ def read_spool_stats(settings: SpoolConfig, now: float) -> Optional[SpoolStats]:
         depth=depth,
         bytes=size,
         oldest_age_s=None if oldest is None else max(0.0, now - oldest),
-        dropped_total=int(row[0]) if row else 0,
+        dropped_total=int(counters.get("dropped_total", 0)),
+        unstored_total=int(counters.get("unstored_total", 0)),
+        available=True,
     )

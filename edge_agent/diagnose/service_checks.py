@@ -56,6 +56,8 @@ def check_spool(ctx: DiagnoseContext) -> CheckResult:
         finding = f"{size} waiting; the oldest for {format_duration(stats.oldest_age_s or 0.0)}"
     if stats.dropped_total:
         finding += f"; {stats.dropped_total} dropped so far because the spool was full"
+    if stats.unstored_total:
+        finding += f"; {stats.unstored_total} readings not stored because the spool was unavailable"
     if problems:
         return result("spool", Status.WARNING, finding, " ".join(problems), details=details)
     return ok("spool", finding, details)
@@ -74,6 +76,8 @@ def _spool_problems(ctx: DiagnoseContext, stats) -> list:
         problems.append("Messages are not draining: fix the broker checks above, then watch the depth fall.")
     if stats.dropped_total:
         problems.append("Telemetry was lost to overflow; raise spool.max_bytes if the flash allows it.")
+    if stats.unstored_total:
+        problems.append("The spool could not be written at times: check free space ('df -h') and the agent's log.")
     return problems
 
 
