@@ -24,7 +24,9 @@ from edge_agent.spool import Spool, milliseconds_since_boot
 from edge_agent.telemetry import SystemSampler, build_message, read_boot_id, telemetry_topic
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
+from edge_agent.tpm import refresh_tpm_context
 from edge_agent.uplink import Uplink
+from edge_agent.verify import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class Agent:
         )
         self.entropy = EntropyGate(config.entropy)
         self.thermal = ThermalGovernor(config.thermal)
+        self.verifier = Verifier(self.entropy, self.thermal, start=time.monotonic())
         self.backoff = Backoff(config.reconnect)
         self.sampler = SystemSampler(disk_path=config.spool.path.parent)
         self._context = create_client_context(config.broker, self.identity)
@@ -90,7 +93,6 @@ class Agent:
 
     def health(self) -> dict:
         stats = self.spool.stats()
-        entropy = self.entropy.last_status
         return {
             "version": __version__,
             "connection": self.uplink.state,
@@ -102,7 +104,8 @@ class Agent:
             "disconnects": self.uplink.counters.disconnects,
             "last_error": self.uplink.last_error,
             "thermal": self.thermal.to_dict(),
-            "entropy": None if entropy is None else entropy.to_dict(),
+            "entropy": self.entropy.to_dict(),
+            "verification": self.verifier.to_dict(),
         }
 
     # --- jobs -------------------------------------------------------------
@@ -133,20 +136,31 @@ class Agent:
         return None
 
     def try_connect(self, now: float) -> None:
-        if not self.entropy.wait_until_ready(f"TLS handshake with {self.config.broker.host}"):
-            self._schedule.next_connect = now + self.backoff.next_delay(self.thermal.slowdown)
+        peer = f"{self.config.broker.host}:{self.config.broker.port}"
+        admission = self.entropy.admit("connection", peer)
+        if not admission.ready:
+            # Not ready: ask again shortly, or after a full reconnect delay once this attempt is given up.
+            delay = self._reconnect_delay() if admission.gave_up else admission.retry_in_s
+            self._schedule.next_connect = now + delay
             return
         if self.uplink.connect():
             return
-        delay = self.backoff.next_delay(self.thermal.slowdown)
+        if self.identity.key_source == "tpm":
+            # A TPM restart leaves the key loaded into the old context unusable.
+            self._context = refresh_tpm_context(self.config.broker, self.identity, self._context)
+        delay = self._reconnect_delay()
         logger.info("next connection attempt to %s in %.1f s", self.config.broker.host, delay)
         self._schedule.next_connect = time.monotonic() + delay
 
     def _after_pump(self, was_connected: bool) -> None:
         if was_connected and self.uplink.state != "connected":
-            delay = self.backoff.after_session(self.uplink.last_session_s, self.thermal.slowdown)
+            delay = self.thermal.pace_reconnect(self.backoff.after_session(self.uplink.last_session_s))
             logger.info("reconnecting to %s in %.1f s", self.config.broker.host, delay)
             self._schedule.next_connect = time.monotonic() + delay
+
+    def _reconnect_delay(self) -> float:
+        # The thermal state only ever lengthens the delay; the next handshake is checked in full.
+        return self.thermal.pace_reconnect(self.backoff.next_delay())
 
     # --- loop -------------------------------------------------------------
 
@@ -158,6 +172,8 @@ class Agent:
             schedule.next_thermal = now + THERMAL_PERIOD_S
         if self.uplink.state != "connected" and now >= schedule.next_connect:
             self.try_connect(now)
+        if self.verifier.due(now):
+            self.verifier.run(now, self.config, self._context)
         if now >= schedule.next_sample:
             self.sample_telemetry()
             schedule.next_sample = max(schedule.next_sample + self.config.telemetry.interval_s, now)
@@ -170,7 +186,7 @@ class Agent:
         self._after_pump(was_connected)
         self.state_file.update(self.uplink.state, self.uplink.last_publish_ack, self.uplink.last_error)
 
-        due = [schedule.next_sample, schedule.next_thermal]
+        due = [schedule.next_sample, schedule.next_thermal, self.verifier.next_due()]
         if self.uplink.state != "connected":
             due.append(schedule.next_connect)
         return max(0.0, min(min(due) - time.monotonic(), MAX_IDLE_S))

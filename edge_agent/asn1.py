@@ -18,6 +18,9 @@ _OCTET_STRING = 0x04
 _IA5_STRING = 0x16
 _UTF8_STRING = 0x0C
 _STRING_TYPES = {_IA5_STRING: "IA5String", 0x13: "PrintableString", _UTF8_STRING: "UTF8String"}
+_DER_NULL = b"\x05\x00"
+# ecdsa-with-SHA224 to ecdsa-with-SHA512 (RFC 5758 3.2) share this arc.
+_ECDSA_SIGNATURE_ARC = "1.2.840.10045.4.3."
 
 
 class DerError(ValueError):
@@ -151,3 +154,27 @@ def decode_text(value: bytes) -> Tuple[str, str]:
 
 def hardware_module_name_san(hw_type: str, hw_serial: bytes) -> x509.OtherName:
     return x509.OtherName(HARDWARE_MODULE_NAME_OID, encode_hardware_module_name(hw_type, hw_serial))
+
+
+def drop_ecdsa_null_parameters(signed: bytes) -> bytes:
+    """Remove NULL parameters from the outer ECDSA signatureAlgorithm of a DER CSR or certificate.
+
+    RFC 5758 3.2 says the parameters of ecdsa-with-SHA* MUST be absent, and
+    ``cryptography`` rejects a NULL there; the tpm2 OpenSSL provider 1.1
+    writes one into the CSRs it signs. The signature covers only the inner
+    structure, so removing the field keeps it valid. Other input is returned
+    unchanged.
+    """
+    tag, body, end = read_tlv(signed)
+    if tag != _SEQUENCE or end != len(signed):
+        raise DerError("expected one DER SEQUENCE")
+    _, _, after_inner = read_tlv(body)
+    algorithm_tag, algorithm, after_algorithm = read_tlv(body, after_inner)
+    if algorithm_tag != _SEQUENCE:
+        raise DerError(f"signatureAlgorithm must be a SEQUENCE, found tag 0x{algorithm_tag:02x}")
+    oid_tag, oid_body, after_oid = read_tlv(algorithm)
+    is_ecdsa = oid_tag == _OID and _decode_oid(oid_body).startswith(_ECDSA_SIGNATURE_ARC)
+    if not is_ecdsa or algorithm[after_oid:] != _DER_NULL:
+        return signed
+    without_null = _tlv(_SEQUENCE, algorithm[:after_oid])
+    return _tlv(_SEQUENCE, body[:after_inner] + without_null + body[after_algorithm:])

@@ -212,7 +212,7 @@ def probe_broker(
     client has finished its handshake, so that rejection is not reported here.
     """
     label = f"{broker.host}:{broker.port}"
-    if not gate.wait_until_ready(f"TLS handshake with {label}"):
+    if not gate.wait_until_ready("chain probe", label):
         detail = gate.last_status.detail if gate.last_status else "not ready"
         raise EdgeAgentError(f"no TLS handshake with {label}: the kernel random generator is not ready ({detail})")
 

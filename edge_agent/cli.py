@@ -14,6 +14,7 @@ from typing import List, Optional
 from edge_agent import __version__
 from edge_agent.commands import EXIT_ERROR
 from edge_agent.errors import EdgeAgentError
+from edge_agent.tpm_provider import prepare_process
 
 # Order of the subcommands in --help.
 COMMANDS = ("run", "config", "identity", "pin", "keygen", "diagnose", "console")
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # First, before any module imports ssl: OpenSSL reads its configuration once,
+    # and a TPM-held key needs the agent's own (see edge_agent.tpm_provider).
+    prepare_process(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

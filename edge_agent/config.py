@@ -89,6 +89,9 @@ class IdentityConfig:
     key_types: Tuple[str, ...] = _key(("ec-p256", "ec-p384", "rsa-2048"), kind="choices", choices=KEY_TYPES)
     device_id_source: str = _key("auto", kind="enum", choices=DEVICE_ID_SOURCES)
     ldevid: Optional[LDevIDConfig] = _key(None, kind="table", section=LDevIDConfig)
+    # "tpm": identity.key is a TSS2 PRIVATE KEY blob that only the TPM behind tpm_tcti can use.
+    key_source: str = _key("file", kind="enum", choices=("file", "tpm"))
+    tpm_tcti: str = _key("device:/dev/tpmrm0", kind="str", fix="set the TPM's TCTI, e.g. 'device:/dev/tpmrm0'")
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,11 @@ class ThermalConfig:
     """Temperature sources, governor thresholds and how much each state slows the periodic work."""
 
     sysfs_root: Path = _key(Path("/sys"), kind="path")
-    sysfs_files: Tuple[str, ...] = _key(("class/thermal/thermal_zone0/temp",), kind="strings")
+    sysfs_files: Tuple[str, ...] = _key(
+        ("class/thermal/thermal_zone0/temp",),
+        kind="relpaths",
+        fix="write it relative to thermal.sysfs_root: 'class/thermal/thermal_zone0/temp' for /sys/class/thermal/thermal_zone0/temp",
+    )
     sensors: Tuple[str, ...] = _key(("cpu_thermal", "cpu-thermal", "coretemp", "k10temp"), kind="strings")
     warm_c: float = _key(70.0, kind="float", min=0.0, max=150.0)
     hot_c: float = _key(80.0, kind="float", min=0.0, max=150.0)
@@ -164,6 +171,9 @@ class ThermalConfig:
     warm_slowdown: float = _key(2.0, kind="float", min=1.0, max=1000.0)
     hot_slowdown: float = _key(6.0, kind="float", min=1.0, max=1000.0)
     critical_slowdown: float = _key(24.0, kind="float", min=1.0, max=1000.0)
+    warm_reconnect_min_s: float = _key(5.0, kind="float", min=0.0, max=86400.0)
+    hot_reconnect_min_s: float = _key(30.0, kind="float", min=0.0, max=86400.0)
+    critical_reconnect_min_s: float = _key(120.0, kind="float", min=0.0, max=86400.0)
 
 
 @dataclass(frozen=True)
@@ -359,6 +369,17 @@ def _as_strings(value, key, meta, base_dir, problems, fix):
     return tuple(value)
 
 
+def _as_relative_paths(value, key, meta, base_dir, problems, fix):
+    paths = _as_strings(value, key, meta, base_dir, problems, fix)
+    if paths is _INVALID:
+        return paths
+    for index, text in enumerate(paths):
+        if Path(text).is_absolute() or ".." in Path(text).parts:
+            problems.add(f"{key}[{index}]", f"invalid path {text!r}: an absolute path or '..' is not allowed here", fix)
+            return _INVALID
+    return paths
+
+
 def _as_date(value, key, meta, base_dir, problems, fix):
     if isinstance(value, datetime.datetime):
         return value.date()
@@ -451,6 +472,7 @@ _CONVERTERS: Dict[str, Callable[..., Any]] = {
     "file": _as_file,
     "files": _as_paths,
     "strings": _as_strings,
+    "relpaths": _as_relative_paths,
     "date": _as_date,
     "topic": _as_topic,
     "pins": _as_pins,
@@ -588,6 +610,14 @@ def _check_thermal_order(thermal: Mapping[str, Any], path: Path) -> None:
             f"{path}: thermal: thresholds must rise, got warm_c={warm}, hot_c={hot}, critical_c={critical}; "
             "set warm_c < hot_c < critical_c"
         ])
+
+    # A hotter state may only slow work down further, never speed it up again.
+    for suffix in ("slowdown", "reconnect_min_s"):
+        names = [f"{state}_{suffix}" for state in ("warm", "hot", "critical")]
+        values = [thermal.get(name, getattr(ThermalConfig, name)) for name in names]
+        if not values[0] <= values[1] <= values[2]:
+            got = ", ".join(f"{name}={value}" for name, value in zip(names, values))
+            raise ConfigError([f"{path}: thermal: {got} must not decrease; set {' <= '.join(names)}"])
 
 
 def load_config(path: Optional[Path] = None, check_files: bool = True) -> AgentConfig:

@@ -22,6 +22,8 @@ from typing import List, Optional
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.tpm_provider import OPENSSL_CONFIG, TCTI_ENV
+
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -49,7 +51,10 @@ class DevBroker:
     client_ca: Path
     host: str = "127.0.0.1"
     port: int = 0
+    # Mosquitto's tls_version is the minimum version; tls_max_version ("1.2")
+    # caps it through an OpenSSL configuration for the broker process.
     tls_version: Optional[str] = None
+    tls_max_version: Optional[str] = None
     extra_config: str = ""
     # Keep sessions and queued QoS 1 messages across restart(), as a production broker would.
     persistence: bool = False
@@ -105,6 +110,7 @@ class DevBroker:
             [binary, "-c", str(self.config_path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=self._environment(),
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -119,6 +125,23 @@ class DevBroker:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s} s")
+
+    def _environment(self) -> "dict[str, str]":
+        # The agent's TPM provider configuration must not reach the broker's OpenSSL;
+        # any other OPENSSL_CONF of the caller is passed on.
+        environment = dict(os.environ)
+        environment.pop(TCTI_ENV, None)
+        if environment.get("OPENSSL_CONF") == str(OPENSSL_CONFIG):
+            del environment["OPENSSL_CONF"]
+        if self.tls_max_version:
+            openssl_conf = self.folder / f"openssl-{self.port}.cnf"
+            openssl_conf.write_text(
+                "openssl_conf = broker_init\n[broker_init]\nssl_conf = broker_ssl\n"
+                "[broker_ssl]\nsystem_default = broker_tls\n"
+                f"[broker_tls]\nMaxProtocol = TLSv{self.tls_max_version}\n"
+            )
+            environment["OPENSSL_CONF"] = str(openssl_conf)
+        return environment
 
     def stop(self) -> None:
         if self.process is None:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.asn1 import MASA_URL_OID, encode_ia5_string, hardware_module_name_san
+from edge_agent.asn1 import MASA_URL_OID, drop_ecdsa_null_parameters, encode_ia5_string, hardware_module_name_san
 from edge_agent.identity import NO_EXPIRATION
 from edge_agent.keys import new_key, san_entry, write_private_key
 from edge_agent.pinning import Pin, pin_from_public_key
@@ -162,6 +162,7 @@ def issue_idevid(
     extended_key_usage: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.CLIENT_AUTH,),
     masa_url: Optional[str] = None,
     extra_extensions: Sequence[Tuple[x509.ExtensionType, bool]] = (),
+    public_key=None,
 ) -> Issued:
     """Issue an IDevID: subject serialNumber, HardwareModuleName SAN, no expiration by default.
 
@@ -169,8 +170,12 @@ def issue_idevid(
     in another string type (``serial_string_type``), an empty ``subject``
     with a critical SAN, no authorityKeyIdentifier, no keyUsage
     (``key_usage=None``), a MASA URL, and extra ``(extension, critical)`` pairs.
+    With ``public_key`` (for a key held elsewhere, such as in a TPM) no key
+    is generated and ``Issued.key`` is None.
     """
-    key = key or new_key()
+    if public_key is None:
+        key = key or new_key()
+        public_key = key.public_key()
     not_before = not_before or _now() - datetime.timedelta(days=1)
     hw_serial = serial_number.encode("ascii") if hw_serial is None else hw_serial
     if subject is None:
@@ -179,13 +184,13 @@ def issue_idevid(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([hardware_module_name_san(hw_type, hw_serial)]), critical=san_critical)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
     if key_usage is not None:
         builder = builder.add_extension(key_usage, critical=True)
@@ -198,6 +203,18 @@ def issue_idevid(
     for extension, critical in extra_extensions:
         builder = builder.add_extension(extension, critical=critical)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def issue_idevid_from_csr(ca: Issued, csr_der: bytes, serial_number: str, **options) -> x509.Certificate:
+    """Issue an IDevID for the key of a DER CSR whose self-signature proves possession of the key.
+
+    The subject comes from ``serial_number``, not from the CSR, as a
+    manufacturer assigns it. ``options`` go to ``issue_idevid``.
+    """
+    csr = x509.load_der_x509_csr(drop_ecdsa_null_parameters(csr_der))
+    if not csr.is_signature_valid:
+        raise ValueError("the CSR's signature does not verify with its own public key")
+    return issue_idevid(ca, serial_number, public_key=csr.public_key(), **options).certificate
 
 
 def write_certificates(path: Path, certificates: Iterable[x509.Certificate]) -> Path:
@@ -224,16 +241,20 @@ class DevPki:
     observer_key: Path
 
 
-def create_dev_pki(folder: Path, device_serial: str = "GW-0001", key_kind: str = "ec-p256") -> DevPki:
+def create_dev_pki(
+    folder: Path, device_serial: str = "GW-0001", key_kind: str = "ec-p256", manufacturer: Optional[Issued] = None
+) -> DevPki:
     """Create the demo PKI in ``folder`` (created with mode 0700 when missing).
 
     It also issues ``observer.pem``, a client certificate from the same
     manufacturer CA for the subscriber that shows what the broker receives.
+    A caller that issues more IDevIDs later passes its own ``manufacturer``
+    CA, whose key is otherwise never written.
     """
     folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    manufacturer = make_ca("edge-agent development manufacturer CA")
+    manufacturer = manufacturer or make_ca("edge-agent development manufacturer CA")
     idevid = issue_idevid(manufacturer, device_serial, key=new_key(key_kind))
     broker_ca = make_ca("edge-agent development broker CA")
     broker = issue_server_cert(broker_ca)

@@ -67,6 +67,9 @@ class DeviceIdentity:
     key_passphrase: Optional[bytes] = None
     role: str = IDEVID
     report: Optional[IdentityReport] = field(default=None, compare=False)
+    # "tpm": key_path is a TSS2 blob that only the TPM behind tpm_tcti can use.
+    key_source: str = "file"
+    tpm_tcti: Optional[str] = None
 
     @property
     def subject(self) -> str:
@@ -108,6 +111,8 @@ class CredentialFiles:
     trust_anchors: Tuple[Path, ...]
     key_passphrase_file: Optional[Path] = None
     key_passphrase_credential: Optional[str] = None
+    key_source: str = "file"
+    tpm_tcti: Optional[str] = None
 
     def read_passphrase(self) -> Optional[bytes]:
         return read_passphrase(self.key_passphrase_file, self.key_passphrase_credential, self.setting)
@@ -133,6 +138,7 @@ def credential_files(settings: IdentityConfig) -> List[CredentialFiles]:
         CredentialFiles(
             IDEVID, "identity", settings.cert, settings.key, settings.trust_anchors,
             settings.key_passphrase_file, settings.key_passphrase_credential,
+            settings.key_source, settings.tpm_tcti,
         )
     ]
     ldevid = settings.ldevid
@@ -234,8 +240,11 @@ def _validate_credential(
 def _check_key(files: CredentialFiles, leaf: x509.Certificate) -> CheckResult:
     if files.key is None:
         return CheckResult("key-match", SKIPPED, "no private key given", files.role)
-    # NOTE: cryptography cannot load a TPM-held key (a TSS2 PRIVATE KEY file), so such
-    # a key fails this check until a TPM-aware key check replaces this load.
+    if files.key_source == "tpm":
+        # Imported here because edge_agent.tpm imports this module.
+        from edge_agent.tpm import check_tpm_key_match
+
+        return check_tpm_key_match(files, leaf)
     try:
         private_key = load_private_key(files.key, files.read_passphrase(), files.setting)
     except IdentityError as exc:
@@ -302,9 +311,11 @@ def load_identity(
         chain=chosen.intermediates,
         device_id=chosen.device_id,
         device_id_source=chosen.device_id_source,
-        key_passphrase=files.read_passphrase(),
+        key_passphrase=None if files.key_source == "tpm" else files.read_passphrase(),
         role=chosen.role,
         report=report,
+        key_source=files.key_source,
+        tpm_tcti=files.tpm_tcti if files.key_source == "tpm" else None,
     )
     logger.info(
         "using the %s %s as the TLS client certificate (device id %s from %s)",

@@ -93,7 +93,7 @@ class PinnedSSLSocket(ssl.SSLSocket):
             self.close()
             raise
         if matched is not None:
-            logger.debug("broker %s matched pin %s", server, matched)
+            logger.debug("broker %s matched pin %s over %s", server, matched, self.version())
 
 
 class PinnedContext(ssl.SSLContext):
@@ -148,7 +148,12 @@ def create_client_context(
     context.peer_label = f"{broker.host}:{broker.port}"
     context.pin_failures = 0
 
-    if identity is not None:
+    if identity is not None and identity.key_source == "tpm":
+        # Imported here because edge_agent.tpm imports this module.
+        from edge_agent.tpm import attach_tpm_identity
+
+        attach_tpm_identity(context, identity, ca_file or broker.ca_file)
+    elif identity is not None:
         load_client_certificate(context, identity)
     return context
 

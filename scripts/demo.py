@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,16 +12,16 @@ import time
 from pathlib import Path
 
 from edge_agent.devbroker import DevBroker, Observer
-from edge_agent.devpki import create_dev_pki
+from edge_agent.devpki import create_dev_pki, make_ca
 
 CONFIG_TEMPLATE = """\
 # Demo configuration written by scripts/demo.
 profile = "generic-linux"
 
 [identity]
-cert = "{pki.idevid_cert}"
-key = "{pki.idevid_key}"
-trust_anchors = ["{pki.manufacturer_ca}"]
+cert = "{cert}"
+key = "{key}"
+{tpm_settings}trust_anchors = ["{pki.manufacturer_ca}"]
 
 [broker]
 host = "127.0.0.1"
@@ -58,11 +59,26 @@ def summarise(payload: bytes) -> str:
     )
 
 
+def start_tpm_identity(work: Path, pki_dir: Path, manufacturer):
+    """Start a software TPM in ``work`` and provision the demo device's IDevID key inside it."""
+    from edge_agent.devtpm import SoftTpm, provision_tpm_idevid
+
+    tpm = SoftTpm(work / "tpm").start()
+    try:
+        identity = provision_tpm_idevid(pki_dir, tpm, manufacturer, "GW-TPM-0001")
+    except BaseException:
+        tpm.stop()
+        raise
+    print(f"software TPM on 127.0.0.1:{tpm.port}: IDevID key {identity.key_path} is held by the TPM")
+    return tpm, identity
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this many seconds and print how many messages arrived")
     parser.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="telemetry interval (default: 2)")
     parser.add_argument("--work", type=Path, default=None, metavar="DIR", help="working folder (default: a temporary folder, removed at the end)")
+    parser.add_argument("--tpm", action="store_true", help="hold the IDevID key in a software TPM (swtpm behind tpm2-abrmd)")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
@@ -71,8 +87,11 @@ def main() -> int:
     pki_dir = work / "pki"
     if pki_dir.exists():
         shutil.rmtree(pki_dir)
-    pki = create_dev_pki(pki_dir)
+    # The manufacturer CA is kept so that it can also certify a key made in the TPM.
+    manufacturer = make_ca("edge-agent development manufacturer CA")
+    pki = create_dev_pki(pki_dir, manufacturer=manufacturer)
     print(f"development PKI in {pki_dir}: device {pki.device_serial}, broker pin {pki.broker_pin}")
+    tpm, identity = start_tpm_identity(work, pki_dir, manufacturer) if args.tpm else (None, None)
 
     broker = DevBroker(work / "broker", pki.broker_cert, pki.broker_key, pki.manufacturer_ca).start()
     agent = None
@@ -80,13 +99,19 @@ def main() -> int:
     try:
         print(f"mosquitto listening with TLS on 127.0.0.1:{broker.port} (log: {broker.log_path})")
         config = work / "agent.toml"
-        config.write_text(CONFIG_TEMPLATE.format(pki=pki, port=broker.port, work=work, interval=args.interval))
+        config.write_text(CONFIG_TEMPLATE.format(
+            pki=pki, port=broker.port, work=work, interval=args.interval,
+            cert=identity.cert_path if tpm else pki.idevid_cert,
+            key=identity.key_path if tpm else pki.idevid_key,
+            tpm_settings=f'key_source = "tpm"\ntpm_tcti = "{tpm.tcti}"\n' if tpm else "",
+        ))
 
         observer = Observer(broker, pki.broker_ca, pki.observer_cert, pki.observer_key).start()
         command = [sys.executable, "-m", "edge_agent", "run", "--config", str(config)]
         print(f"starting: edge-agent run --config {config}")
         with open(work / "agent.log", "w") as agent_log:
-            agent = subprocess.Popen(command, stdout=agent_log, stderr=subprocess.STDOUT)
+            environment = {**os.environ, **tpm.environment} if tpm else None
+            agent = subprocess.Popen(command, stdout=agent_log, stderr=subprocess.STDOUT, env=environment)
 
         shown = 0
         deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -114,6 +139,8 @@ def main() -> int:
         if observer is not None:
             observer.stop()
         broker.stop()
+        if tpm is not None:
+            tpm.stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 

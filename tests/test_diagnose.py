@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List
 
 import pytest
 from cryptography import x509
+from fakehw import FakeProc, FakeSysfs
 
 from edge_agent.agentstate import state_file_path
 from edge_agent.devbroker import DevBroker, free_port
@@ -22,7 +23,7 @@ from edge_agent.diagnose import adapters
 from edge_agent.diagnose.model import Report, Status
 from edge_agent.diagnose.render import render_json, render_text, supports_colour
 from edge_agent.diagnose.runner import CHECK_IDS, run_diagnosis
-from edge_agent.entropy import EntropyStatus
+from edge_agent.entropy import read_entropy_status
 from edge_agent.pinning import pin_from_public_key
 from edge_agent.spool import Spool
 
@@ -39,9 +40,7 @@ def fake_sysfs(tmp_path: Path) -> Callable[[int], dict]:
     """Return thermal settings that read ``millidegrees`` from a test-built sysfs tree."""
 
     def settings(millidegrees: int) -> dict:
-        zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
-        zone.mkdir(parents=True, exist_ok=True)
-        (zone / "temp").write_text(f"{millidegrees}\n")
+        FakeSysfs(tmp_path / "sys").zone(0, "cpu-thermal", str(millidegrees))
         return {"sysfs_root": str(tmp_path / "sys"), "sensors": ["no-such-sensor"]}
 
     return settings
@@ -283,10 +282,7 @@ def test_entropy_ready_on_this_machine(write_config):
 
 
 def test_entropy_low_pool_fails(write_config, tmp_path):
-    random_dir = tmp_path / "proc" / "sys" / "kernel" / "random"
-    random_dir.mkdir(parents=True)
-    (random_dir / "entropy_avail").write_text("40\n")
-    (random_dir / "poolsize").write_text("4096\n")
+    FakeProc(tmp_path / "proc").set(entropy_avail=40, poolsize=4096)
 
     report = diagnose(write_config(entropy={"proc_root": str(tmp_path / "proc")}), only=("entropy",))
 
@@ -296,8 +292,7 @@ def test_entropy_low_pool_fails(write_config, tmp_path):
 
 def test_crng_not_ready_skips_tls(broker, write_config, monkeypatch):
     # The CRNG of a running machine cannot be made unready, so only its reading is replaced.
-    not_ready = EntropyStatus(False, None, False, False, "kernel CRNG not initialised (getrandom would block)")
-    monkeypatch.setattr(adapters, "entropy_status", lambda settings: not_ready)
+    monkeypatch.setattr(adapters, "entropy_status", lambda settings: read_entropy_status(settings, probe=lambda: False))
 
     report = diagnose(write_config(broker.port), only=("entropy",) + NETWORK)
 

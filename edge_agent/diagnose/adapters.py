@@ -216,8 +216,7 @@ class ThermalSnapshot:
 def read_thermal(settings: ThermalConfig) -> ThermalSnapshot:
     governor = ThermalGovernor(settings)
     governor.update()
-    tried = tuple(str(Path(settings.sysfs_root) / f.lstrip("/")) for f in settings.sysfs_files)
-    tried += tuple(f"psutil:{name}" for name in settings.sensors)
+    tried = tuple(governor.reader.sources())
     return ThermalSnapshot(
         temperature_c=governor.temperature_c,
         source=governor.source,

@@ -18,7 +18,17 @@ as_root() {
     fi
 }
 
+# Packages of the software-TPM tests: a TPM simulator, the TSS tools, the
+# OpenSSL provider for TPM-held keys, and a resource manager on a D-Bus bus.
+TPM_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-tcti-tabrmd0 dbus)
+
+# install_debian_packages [--tpm]: --tpm (scripts/test only) also installs
+# TPM_TEST_PACKAGES. A failure there is a warning, not an error, because the
+# TPM tests then skip and name what is missing.
 install_debian_packages() {
+    if [ "${1:-}" = "--tpm" ]; then
+        install_tpm_test_packages || echo "warning: TPM test packages not installed; the TPM tests will skip" >&2
+    fi
     local wanted=()
     [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || wanted+=(mosquitto)
     command -v openssl >/dev/null 2>&1 || wanted+=(openssl)
@@ -39,6 +49,23 @@ install_debian_packages() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
     # The Debian package may start a system broker on port 1883; the demo and
     # the tests use their own instances on free loopback ports.
+}
+
+install_tpm_test_packages() {
+    local wanted=() package
+    for package in "${TPM_TEST_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+            wanted+=("$package")
+        fi
+    done
+    if [ "${#wanted[@]}" -eq 0 ]; then
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || return 1
+    echo "installing Debian packages for the TPM tests: ${wanted[*]}" >&2
+    as_root apt-get update -qq || return 1
+    # tpm2-abrmd's package may start a system daemon; the tests run their own on a private bus.
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
 }
 
 create_venv() {
