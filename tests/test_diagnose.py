@@ -187,7 +187,7 @@ def test_identity_steps_pass(write_config):
     report = diagnose(write_config(), only=IDENTITY)
 
     not_ok = [r.id for r in report.results if r.status is not Status.OK]
-    assert not_ok == ["identity.ldevid"]
+    assert not_ok == ["identity.ldevid", "identity.tpm"]
     assert status_of(report, "identity.ldevid") is Status.SKIPPED
     assert "GW-0001" in report.result("identity.device-id").finding
     assert "no expiration" in report.result("identity.time").finding
@@ -634,7 +634,10 @@ def test_healthy_gateway_all_ok(running_agent):
     report = diagnose(running_agent)
 
     not_ok = [(r.id, r.status.value, r.finding) for r in report.results if r.status is not Status.OK]
-    assert not_ok == [("identity.ldevid", "skipped", "no LDevID configured ([identity.ldevid])")]
+    assert not_ok == [
+        ("identity.ldevid", "skipped", "no LDevID configured ([identity.ldevid])"),
+        ("identity.tpm", "skipped", 'the device key is a file (identity.key_source = "file")'),
+    ]
     assert report.result("service").finding.startswith("running (pid")
     assert "not repeated" in report.result("mqtt.connect").finding
     assert report.exit_code == 0
@@ -676,7 +679,7 @@ def test_healthy_gateway_text_and_json(running_agent, agent_command):
     assert as_json.stdout.isascii()
     assert document["exit_code"] == 0
     assert [c["id"] for c in document["checks"]] == list(CHECK_IDS)
-    assert {c["status"] for c in document["checks"] if c["id"] != "identity.ldevid"} == {"ok"}
+    assert {c["status"] for c in document["checks"] if c["id"] not in ("identity.ldevid", "identity.tpm")} == {"ok"}
 
 
 def test_broken_gateway_text_and_json(broker, write_config, agent_command, pki, tmp_path):

@@ -142,6 +142,24 @@ def _ldevid_step(ldevid_reports) -> IdentityStep:
     return _step_from_check("ldevid", worst, f"LDevID {first.id} check: {first.message}")
 
 
+@dataclass(frozen=True)
+class KeyStoreStatus:
+    """Where the device key is held and, for a TPM, whether the TPM signed with it."""
+
+    tpm_held: bool
+    ok: bool
+    summary: str
+
+
+def key_store_status(settings: IdentityConfig, timeout_s: float) -> KeyStoreStatus:
+    """Probe a TPM-held key in child processes bounded by ``timeout_s``; a key file is not probed."""
+    # Imported here: edge_agent.tpm pulls in the provider set-up, which only TPM gateways need.
+    from edge_agent.tpm import tpm_status
+
+    status = tpm_status(settings, timeout_s=timeout_s)
+    return KeyStoreStatus(status.tpm_held, status.ok, status.summary())
+
+
 def _load_selected(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> Optional[DeviceIdentity]:
     try:
         return identity_module.load_identity(settings, device_id, now)

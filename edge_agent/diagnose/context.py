@@ -32,6 +32,7 @@ TITLES = {
     "identity.device-id": "device id",
     "identity.ldevid": "LDevID",
     "identity.selection": "credential used for TLS",
+    "identity.tpm": "TPM-held device key",
     "entropy": "kernel random generator",
     "thermal": "temperature and governor",
     "openssl": "OpenSSL and TLS versions",

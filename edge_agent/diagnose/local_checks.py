@@ -92,6 +92,21 @@ def identity_step_check(name: str):
     return check
 
 
+def check_identity_tpm(ctx: DiagnoseContext) -> CheckResult:
+    if ctx.config is None:
+        return skipped("identity.tpm", NO_CONFIG)
+    if ctx.config.identity.key_source != "tpm":
+        return skipped("identity.tpm", "the device key is a file (identity.key_source = \"file\")")
+    status = adapters.key_store_status(ctx.config.identity, ctx.timeout_s)
+    if status.ok:
+        return ok("identity.tpm", status.summary)
+    return result(
+        "identity.tpm", Status.ERROR, status.summary,
+        "Check that the TPM resource manager runs (tpm2-abrmd, or the kernel's /dev/tpmrm0) and that "
+        "identity.tpm_tcti names it; a key blob from another TPM cannot be used.",
+    )
+
+
 # --- hardware and platform -----------------------------------------------------
 
 

@@ -23,6 +23,7 @@ CHECKS: Tuple[Tuple[str, Check], ...] = (
     ("config", local_checks.check_config),
     ("clock", local_checks.check_clock),
     *((f"identity.{step}", local_checks.identity_step_check(step)) for step in adapters.IDENTITY_STEPS),
+    ("identity.tpm", local_checks.check_identity_tpm),
     ("entropy", local_checks.check_entropy),
     ("thermal", local_checks.check_thermal),
     ("openssl", local_checks.check_openssl),
