@@ -144,7 +144,7 @@ def _ldevid_step(ldevid_reports) -> IdentityStep:
 
 @dataclass(frozen=True)
 class KeyStoreStatus:
-    """Where the device key is held and, for a TPM, whether the TPM signed with it."""
+    """The place the device key is held and, for a TPM, whether the TPM signed with it."""
 
     tpm_held: bool
     ok: bool
