@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from edge_agent import __version__
+from edge_agent.agentstate import AgentStateWriter, state_file_path
 from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.entropy import EntropyGate
@@ -82,6 +83,11 @@ class Agent:
             wake=self.wake,
         )
         self._schedule = _Schedule()
+        # Read by 'edge-agent diagnose' and the serial console in other processes.
+        self.state_file = AgentStateWriter(
+            state_file_path(config.spool.path), self.boot_id, self.device_id, f"{config.broker.host}:{config.broker.port}"
+        )
+        self.console = None
 
     # --- health -----------------------------------------------------------
 
@@ -178,6 +184,7 @@ class Agent:
         except SpoolError as exc:
             logger.error("spool error while draining to %s: %s", self.config.broker.host, exc)
         self._after_pump(was_connected)
+        self.state_file.update(self.uplink.state, self.uplink.last_publish_ack, self.uplink.last_error)
 
         due = [schedule.next_sample, schedule.next_thermal, self.verifier.next_due()]
         if self.uplink.state != "connected":
@@ -191,6 +198,12 @@ class Agent:
             __version__, self.device_id, self.config.broker.host, self.config.broker.port,
             self.config.spool.path, self.spool.depth,
         )
+        if self.config.serial.enabled:
+            from edge_agent.console import start_service_console
+
+            self.console = start_service_console(
+                self.config.source, self.config.serial.port, self.config.serial.baud, self.health
+            )
         end = None if duration_s is None else time.monotonic() + duration_s
         self._schedule = _Schedule(next_sample=time.monotonic())
         # Ready once configuration and identity are loaded: an offline gateway is still a working agent.
@@ -272,9 +285,12 @@ class Agent:
     def shutdown(self) -> None:
         logger.info("edge-agent stopping: %d messages stay in the spool", self.spool.depth)
         self.notifier.stopping()
+        if self.console is not None:
+            self.console.stop()
         try:
             self.uplink.close()
         finally:
+            self.state_file.stopped(self.uplink.last_publish_ack, self.uplink.last_error)
             self.spool.close()
             self.notifier.close()
         logger.info("edge-agent stopped")

@@ -17,7 +17,7 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.tpm_provider import prepare_process
 
 # Order of the subcommands in --help.
-COMMANDS = ("run", "config", "identity", "pin", "keygen")
+COMMANDS = ("run", "config", "identity", "pin", "keygen", "diagnose", "console")
 
 
 def build_parser() -> argparse.ArgumentParser:

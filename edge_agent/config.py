@@ -620,8 +620,12 @@ def _check_thermal_order(thermal: Mapping[str, Any], path: Path) -> None:
             raise ConfigError([f"{path}: thermal: {got} must not decrease; set {' <= '.join(names)}"])
 
 
-def load_config(path: Optional[Path] = None) -> AgentConfig:
-    """Load, merge and validate the agent's configuration; raise ``ConfigError`` listing every problem."""
+def load_config(path: Optional[Path] = None, check_files: bool = True) -> AgentConfig:
+    """Load, merge and validate the agent's configuration; raise ``ConfigError`` listing every problem.
+
+    ``check_files=False`` skips the existence and mode checks of the files the
+    settings name, so that ``edge-agent diagnose`` can still examine them one by one.
+    """
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     data = _read_toml(path, "configuration file")
     config_dir = path.resolve().parent
@@ -667,7 +671,8 @@ def load_config(path: Optional[Path] = None) -> AgentConfig:
         log_level=log_level,
         **sections,
     )
-    _check_files(config, origins, path)
+    if check_files:
+        _check_files(config, origins, path)
     return config
 
 
