@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from edge_agent import __version__
 from edge_agent.commands import EXIT_ERROR
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import EdgeAgentError, IdentityError
 from edge_agent.tpm_provider import prepare_process
 
 # Order of the subcommands in --help.
@@ -40,6 +40,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except IdentityError as exc:
+        # Name the configuration that pointed at the identity files, unless they came from the command line.
+        source = getattr(args, "config", None)
+        where = f"{source}: [identity]: " if source is not None else ""
+        print(f"edge-agent: error: {where}{exc}", file=sys.stderr)
+        return EXIT_ERROR
     except EdgeAgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -653,7 +653,10 @@ def load_config(path: Optional[Path] = None, check_files: bool = True) -> AgentC
     if top_problems.lines:
         raise ConfigError(top_problems.lines)
 
-    profile_path = find_profile(profile_name, config_dir)
+    try:
+        profile_path = find_profile(profile_name, config_dir)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {line}" for line in exc.problems]) from None
     profile_data = load_profile(profile_path)
 
     merged, origins, base_dirs = _merge(profile_data, profile_path, data, path, config_dir)

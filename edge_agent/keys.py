@@ -52,7 +52,8 @@ def parse_subject(text: str) -> x509.Name:
     try:
         name = x509.Name.from_rfc4514_string(text)
     except ValueError as exc:
-        raise ValueError(f"invalid subject {text!r} ({exc}); write it as CN=broker.example.net,O=Example") from None
+        reason = f" ({exc})" if str(exc) else ""
+        raise ValueError(f"invalid subject {text!r}{reason}; write it as CN=broker.example.net,O=Example") from None
     if not list(name):
         raise ValueError(f"invalid subject {text!r}: it is empty; write it as CN=broker.example.net")
     return name

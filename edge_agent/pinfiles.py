@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
@@ -87,7 +88,7 @@ def name_text(owner, attribute: str = "subject") -> str:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return getattr(owner, attribute).rfc4514_string()
+        return getattr(owner, attribute).rfc4514_string({NameOID.SERIAL_NUMBER: "serialNumber"})
 
 
 def describe_key_type(public_key) -> str:

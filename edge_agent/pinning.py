@@ -163,6 +163,11 @@ def parse_pin(text: str) -> Pin:
         raise PinSyntaxError(
             f"pin {value!r} is a SHA-1 pin, which is not accepted; compute a SHA-256 pin with 'edge-agent pin FILE'"
         )
+    if any(ch.isspace() for ch in value):
+        first = value.split()[0]
+        raise PinSyntaxError(
+            f"pin {value!r} contains spaces or text after the pin; keep only the 'sha256//...' part ({first!r})"
+        )
     if lowered.startswith(PIN_PREFIX):
         body = value[len(PIN_PREFIX):]
         if value[: len(PIN_PREFIX)] != PIN_PREFIX:
@@ -217,11 +222,13 @@ def parse_pin_list(pins: Union[str, Iterable[str]]) -> "tuple[Pin, ...]":
     An empty item, a bad pin or a duplicate raises ``PinSyntaxError``: a list
     with a dropped entry would quietly lose a backup pin.
     """
-    items = pins.split(";") if isinstance(pins, str) else list(pins)
+    from_string = isinstance(pins, str)
+    items = pins.split(";") if from_string else list(pins)
     parsed: "list[Pin]" = []
     for position, item in enumerate(items, start=1):
         if isinstance(item, str) and not item.strip():
-            raise PinSyntaxError(f"pin list item {position} is empty; remove the stray ';' or add the pin")
+            fix = "remove the stray ';'" if from_string else "remove the empty string"
+            raise PinSyntaxError(f"pin list item {position} is empty; {fix} or add the pin")
         try:
             pin = parse_pin(item)
         except PinSyntaxError as exc:

@@ -208,7 +208,9 @@ class Spool:
         return f"; check that {folder} is writable by the agent's user and that the disk is not full"
 
     def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            logger.warning("created the spool directory %s (mode 0700); check spool.path if this is not intended", self.path.parent)
         # An empty file is what a crash right after creating it leaves behind.
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         if fresh:

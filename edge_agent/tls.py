@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from edge_agent.certfiles import load_private_key
 from edge_agent.config import BrokerConfig
-from edge_agent.errors import IdentityError
+from edge_agent.errors import ConfigError, IdentityError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.pinning import PinMismatchError, PinSet
 
@@ -123,6 +123,18 @@ class PinnedContext(ssl.SSLContext):
         )
 
 
+def load_broker_ca(context: ssl.SSLContext, ca_file: Path) -> None:
+    """Load the broker CA bundle, raising ``ConfigError`` that names the file when OpenSSL cannot use it."""
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError([
+            f"broker.ca_file: {ca_file} cannot be loaded as a CA bundle ({reason}); "
+            "point it at the PEM certificate(s) of the CA that issued the broker certificate"
+        ]) from None
+
+
 def create_client_context(
     broker: BrokerConfig,
     identity: Optional[DeviceIdentity],
@@ -141,7 +153,7 @@ def create_client_context(
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
     # Only the broker's own CA bundle: the system store would let any public CA vouch for the broker.
-    context.load_verify_locations(cafile=str(ca_file or broker.ca_file))
+    load_broker_ca(context, Path(ca_file or broker.ca_file))
     context.sslsocket_class = PinnedSSLSocket
     context.pin_set = pin_set if pin_set is not None else broker.pin_set
     context.server_name = broker.server_name

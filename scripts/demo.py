@@ -73,6 +73,10 @@ def start_tpm_identity(work: Path, pki_dir: Path, manufacturer):
     return tpm, identity
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__)
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop after this many seconds and print how many messages arrived")
@@ -80,6 +84,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, metavar="DIR", help="working folder (default: a temporary folder, removed at the end)")
     parser.add_argument("--tpm", action="store_true", help="hold the IDevID key in a software TPM (swtpm behind tpm2-abrmd)")
     args = parser.parse_args()
+    # `kill` and `timeout` send SIGTERM: clean up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -206,3 +206,34 @@ def test_config_check_key_mode_exit_nonzero(write_config, agent_command, tmp_pat
     assert result.returncode == 1
     assert f"chmod 600 {key}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_garbage_ca_bundle_is_named(write_config, agent_command, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+
+    result = subprocess.run(
+        agent_command("config", "check", "--config", str(write_config(broker={"ca_file": str(garbage)}))),
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"broker.ca_file: {garbage} cannot be loaded as a CA bundle" in result.stderr
+    assert "internal error" not in result.stderr
+
+
+def test_identity_error_names_config(write_config, agent_command, pki):
+    config = write_config(identity={"key": str(pki.spare_broker_key)})
+
+    result = subprocess.run(agent_command("config", "check", "--config", str(config)), capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert f"{config}: [identity]:" in result.stderr
+
+
+def test_unknown_profile_names_config(write_config):
+    path = write_config(top={"profile": "generic-linx"})
+
+    message = problems_of(path)
+
+    assert message.startswith(f"{path}: profile:")

@@ -117,3 +117,18 @@ def test_mismatch_lists_both_sides(pki):
     assert str(pki.spare_pin) in str(info.value)
     assert str(pki.broker_pin) in str(info.value)
     assert "broker:8883" in str(info.value)
+
+
+def test_pasted_pin_with_text_after():
+    with pytest.raises(PinSyntaxError) as info:
+        parse_pin(f"{GOOD}  /etc/broker.pem: certificate CN=broker")
+
+    assert "text after the pin" in str(info.value)
+    assert repr(GOOD) in str(info.value)
+
+
+def test_empty_item_in_list_form():
+    with pytest.raises(PinSyntaxError) as info:
+        parse_pin_list([GOOD, ""])
+
+    assert "remove the empty string" in str(info.value)

@@ -281,3 +281,13 @@ def test_classify_error_kinds():
     assert classify_error(sqlite3.DatabaseError("file is not a database")) == CORRUPT
     assert classify_error(sqlite3.OperationalError("database or disk is full")) == FULL
     assert classify_error(sqlite3.OperationalError("attempt to write a readonly database")) == UNAVAILABLE
+
+
+def test_missing_directory_created_private(tmp_path):
+    folder = tmp_path / "new" / "spool"
+
+    spool = Spool(folder / "spool.db")
+    try:
+        assert (folder.stat().st_mode & 0o777) == 0o700
+    finally:
+        spool.close()

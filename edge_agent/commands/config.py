@@ -11,9 +11,12 @@ def check(args: argparse.Namespace) -> int:
     from edge_agent.entropy import EntropyGate
     from edge_agent.identity import load_identity
     from edge_agent.pinformat import format_probe
+    from edge_agent.tls import create_client_context
 
     config = load_config_from_args(args)
     identity = load_identity(config.identity, config.device_id)
+    # Building the TLS context proves OpenSSL accepts the CA bundle, certificate and key as a run would.
+    create_client_context(config.broker, identity)
     effective = config.to_dict()
     effective["device_id"] = config.device_id or identity.device_id
     pin_set_status = config.broker.pin_set.status()
