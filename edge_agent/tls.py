@@ -130,8 +130,8 @@ def load_broker_ca(context: ssl.SSLContext, ca_file: Path) -> None:
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
         raise ConfigError([
-            f"broker.ca_file: {ca_file} cannot be loaded as a CA bundle ({reason}); "
-            "point it at the PEM certificate(s) of the CA that issued the broker certificate"
+            f"{ca_file}: cannot load the CA file ({reason}); point broker.ca_file (or --ca-file) at the "
+            "PEM certificate(s) of the CA that issued the broker certificate"
         ]) from None
 
 
