@@ -17,7 +17,7 @@ from edge_agent.commands import EXIT_ERROR, EXIT_OK, add_config_option
 ROTATE = "rotate"
 USAGE = """edge-agent pin [--format FORMAT] FILE...
        edge-agent pin --connect [HOST:PORT] [--servername NAME] [--ca-file FILE] [--config FILE] [--format FORMAT]
-       edge-agent pin rotate (--config FILE | --current PINS) --add FILE_OR_PIN... [--drop PIN]... [--json]"""
+       edge-agent pin rotate (--config FILE | --current PINS) [--add FILE_OR_PIN]... [--drop PIN]... [--json]"""
 
 
 def pin(args: argparse.Namespace) -> int:
