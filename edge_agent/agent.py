@@ -149,13 +149,13 @@ class Agent:
             # A TPM restart leaves the key loaded into the old context unusable.
             self._context = refresh_tpm_context(self.config.broker, self.identity, self._context)
         delay = self._reconnect_delay()
-        logger.info("next connection attempt to %s in %.1f s", self.config.broker.host, delay)
+        logger.info("next connection attempt to %s:%d in %.1f s", self.config.broker.host, self.config.broker.port, delay)
         self._schedule.next_connect = time.monotonic() + delay
 
     def _after_pump(self, was_connected: bool) -> None:
         if was_connected and self.uplink.state != "connected":
             delay = self.thermal.pace_reconnect(self.backoff.after_session(self.uplink.last_session_s))
-            logger.info("reconnecting to %s in %.1f s", self.config.broker.host, delay)
+            logger.info("reconnecting to %s:%d in %.1f s", self.config.broker.host, self.config.broker.port, delay)
             self._schedule.next_connect = time.monotonic() + delay
 
     def _reconnect_delay(self) -> float:

@@ -727,12 +727,23 @@ def _check_files(config: AgentConfig, origins: Mapping[str, Path], default_file:
         raise ConfigError(problems.lines)
 
 
+def _mode_rights(mode: int) -> str:
+    rights = []
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        rights.append("read")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        rights.append("change")
+    if mode & (stat.S_IXGRP | stat.S_IXOTH) and not rights:
+        rights.append("execute")
+    return " and ".join(rights) or "access"
+
+
 def secret_file_mode_problem(path: Path) -> Optional[str]:
     """Describe why a key or passphrase file is too open, or return None when it is private."""
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return (
-            f"{path} has mode {mode:04o}, so users other than its owner can read or change it; "
+            f"{path} has mode {mode:04o}, so users other than its owner can {_mode_rights(mode)} it; "
             f"run 'chmod 600 {path}' (or 400)"
         )
     return None

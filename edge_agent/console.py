@@ -14,6 +14,7 @@ the same port gets a clear message instead of half of the bytes.
 
 import errno
 import logging
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -129,10 +130,28 @@ def _render_live_status(status: Dict[str, object]) -> str:
     lines = ["live state of this agent:"]
     for key, value in status.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        text = to_ascii(f"  {key}: {value}")
-        lines.extend(text[i:i + WIDTH] for i in range(0, len(text), WIDTH))
+            value = ", ".join(f"{k} {_plain_value(v)}" for k, v in value.items())
+        else:
+            value = _plain_value(value)
+        # Wrap at word boundaries with an indent, so a serial terminal never splits a word.
+        lines.extend(textwrap.wrap(
+            to_ascii(f"{key}: {value}"), WIDTH - 1, initial_indent="  ", subsequent_indent="      ",
+            break_long_words=False, break_on_hyphens=False,
+        ))
     return "\n".join(lines)
+
+
+def _plain_value(value) -> str:
+    """Render a status value as a technician reads it: none, yes, no, or the text itself."""
+    if value is None:
+        return "none"
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value) or "none"
+    return str(value)
 
 
 class _RateLimitedLog:

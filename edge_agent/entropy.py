@@ -125,7 +125,7 @@ def _fixed_pool_readiness(crng: Optional[bool], avail: int) -> "tuple[bool, str]
             return False, f"entropy_avail {avail} of 256: the kernel CRNG is still being seeded"
         return True, "entropy_avail reached 256, so the kernel CRNG is seeded (getrandom not available to ask)"
     return True, (
-        f"CRNG ready; entropy_avail ({avail}) is no entropy estimate on this kernel's 256-bit pool, "
+        f"CRNG ready; entropy_avail is fixed at {avail} on this kernel's 256-bit pool and is not an estimate, "
         "so entropy.min_entropy_bits does not apply"
     )
 

@@ -330,3 +330,6 @@ def test_agent_serves_console(serial_link, write_config, pki):
     assert b"live state of this agent" in status
     assert b"queue_depth" in status
     assert not runner.is_alive()
+    lines = status.decode("ascii").splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "None" not in status.decode("ascii")

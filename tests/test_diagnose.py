@@ -747,3 +747,20 @@ def test_hostile_subject_escaped(write_config, tmp_path):
 
     assert_serial_friendly(text)
     assert "\\x1b[2J" in text
+
+
+def test_unloadable_ca_file_is_finding(write_config, agent_command, tmp_path):
+    from edge_agent.devbroker import free_port
+
+    garbage = tmp_path / "garbage-ca.pem"
+    garbage.write_text("not a certificate\n")
+    config = write_config(free_port(), broker={"ca_file": str(garbage)})
+
+    result = subprocess.run(
+        agent_command("diagnose", "--config", str(config), "--timeout", "2"), capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 1
+    assert "cannot load the CA file" in result.stdout
+    assert "bug in edge-agent" not in result.stdout
+    assert "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edge_agent.devpki import DEV_HW_TYPE, issue_idevid, make_ca, new_key
 from edge_agent.identity import CHECK_IDS, has_no_expiration
 from edge_agent.identity_fields import fingerprint
-from identity_pki import NOW, UTC, check, der, files_for, result, write_bytes, write_key
+from identity_pki import UTC, check, der, files_for, result, write_bytes, write_key
 
 PRIVATE_OID = x509.ObjectIdentifier("1.3.6.1.4.1.32473.9.9")
 NO_EXPIRATION = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)

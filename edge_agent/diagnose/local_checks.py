@@ -24,7 +24,23 @@ def check_config(ctx: DiagnoseContext) -> CheckResult:
         return result("config", Status.ERROR, str(exc), "Fix the file as the message says.")
 
     config = ctx.config
+    ca_problem = _broker_ca_problem(config.broker.ca_file)
+    if ca_problem is not None:
+        return _config_problems([ca_problem])
     return ok("config", f"valid, with firmware profile {config.profile}", (Detail("profile", str(config.profile_path)),))
+
+
+def _broker_ca_problem(ca_file) -> "str | None":
+    """Return why OpenSSL cannot load the broker CA bundle, as 'edge-agent config check' would report it."""
+    import ssl
+
+    from edge_agent.tls import load_broker_ca
+
+    try:
+        load_broker_ca(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ca_file)
+    except ConfigError as exc:
+        return exc.problems[0]
+    return None
 
 
 def _load_without_file_checks(ctx: DiagnoseContext):

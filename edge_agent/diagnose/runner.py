@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Tuple
 
 from edge_agent import __version__
+from edge_agent.errors import EdgeAgentError
 from edge_agent.diagnose import adapters, local_checks, network_checks, service_checks
 from edge_agent.diagnose.context import DiagnoseContext, result
 from edge_agent.diagnose.model import DEFAULT_TIMEOUT_S, CheckResult, Report, Status
@@ -94,6 +95,10 @@ def _run_one(ctx: DiagnoseContext, check_id: str, check: Check) -> CheckResult:
     started = time.monotonic()
     try:
         outcome = check(ctx)
+    except EdgeAgentError as exc:
+        # Bad input (a CA file OpenSSL cannot load, say) is a finding with its own fix, not a bug.
+        logger.info("diagnose check %s stopped on invalid input: %s", check_id, exc)
+        outcome = result(check_id, Status.ERROR, str(exc), "Fix the file or setting named above, then run diagnose again.")
     except Exception as exc:  # one broken check must not hide the others
         logger.exception("diagnose check %s failed unexpectedly", check_id)
         outcome = result(
