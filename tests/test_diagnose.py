@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import re
 import os
 import socket
 import ssl
@@ -764,3 +765,24 @@ def test_unloadable_ca_file_is_finding(write_config, agent_command, tmp_path):
     assert "cannot load the CA file" in result.stdout
     assert "bug in edge-agent" not in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_quoted_commands_stay_on_one_line():
+    from edge_agent.diagnose.model import Detail
+    from edge_agent.diagnose.render import _detail_lines
+
+    text = "Start it with 'systemctl start edge-agent' and read 'journalctl -u edge-agent -n 50' for the cause."
+
+    lines = _detail_lines(Detail("fix", text))
+
+    assert any("'journalctl -u edge-agent -n 50'" in line for line in lines)
+    assert any("'systemctl start edge-agent'" in line for line in lines)
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_generated_at_is_iso_8601(write_config):
+    report = run_diagnosis(write_config(), offline=True)
+
+    document = json.loads(render_json(report))
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", document["generated_at"])

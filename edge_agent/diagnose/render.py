@@ -10,6 +10,7 @@ supports it and ``NO_COLOR`` is not set.
 import datetime
 import json
 import os
+import re
 import textwrap
 from typing import IO, List, Optional, Tuple
 
@@ -83,13 +84,22 @@ def _wrap(text: str, first_indent: int, next_indent: Optional[int] = None) -> Li
     """Wrap ``text`` to WIDTH; the first line starts at ``first_indent``, the others at ``next_indent``."""
     next_indent = first_indent if next_indent is None else next_indent
     lines = textwrap.wrap(
-        to_ascii(text),
+        _join_quoted(to_ascii(text), WIDTH - next_indent),
         width=WIDTH,
         initial_indent=" " * first_indent,
         subsequent_indent=" " * next_indent,
         break_on_hyphens=False,
     )
-    return lines or [" " * first_indent]
+    return [line.replace(_GLUE, " ") for line in lines] or [" " * first_indent]
+
+
+# A quoted command stays on one line so that it can be copied from the screen.
+_GLUE = "\x00"
+_QUOTED = re.compile(r"'[^']+'")
+
+
+def _join_quoted(text: str, room: int) -> str:
+    return _QUOTED.sub(lambda m: m.group(0).replace(" ", _GLUE) if len(m.group(0)) <= room else m.group(0), text)
 
 
 # --- text form -------------------------------------------------------------
@@ -165,7 +175,8 @@ def _detail_lines(detail: Detail) -> List[str]:
     label = to_ascii(detail.label)[: _LABEL_WIDTH - 1]
     prefix = " " * _TAG_WIDTH + f"{label:<{_LABEL_WIDTH}}"
     available = WIDTH - _DETAIL_COLUMN
-    lines = textwrap.wrap(to_ascii(detail.value), width=available, break_on_hyphens=False) or [""]
+    wrapped = textwrap.wrap(_join_quoted(to_ascii(detail.value), available), width=available, break_on_hyphens=False)
+    lines = [line.replace(_GLUE, " ") for line in wrapped] or [""]
     out = [prefix + lines[0]] + [" " * _DETAIL_COLUMN + line for line in lines[1:]]
     if detail.note:
         note = to_ascii(detail.note)

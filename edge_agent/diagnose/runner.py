@@ -12,7 +12,6 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.diagnose import adapters, local_checks, network_checks, service_checks
 from edge_agent.diagnose.context import DiagnoseContext, result
 from edge_agent.diagnose.model import DEFAULT_TIMEOUT_S, CheckResult, Report, Status
-from edge_agent.diagnose.render import format_utc
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def run_diagnosis(
     return Report(
         results=tuple(results),
         version=__version__,
-        generated_at=format_utc(now()),
+        generated_at=now().astimezone(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         config_path=str(config_path),
         device_id=_device_id(ctx),
         offline=offline,
