@@ -159,7 +159,7 @@ def hardware_module_name_san(hw_type: str, hw_serial: bytes) -> x509.OtherName:
 def drop_ecdsa_null_parameters(signed: bytes) -> bytes:
     """Remove NULL parameters from the outer ECDSA signatureAlgorithm of a DER CSR or certificate.
 
-    RFC 5758 3.2 says the parameters of ecdsa-with-SHA* MUST be absent, and
+    RFC 5758 3.2 requires the parameters of ecdsa-with-SHA* to be absent, and
     ``cryptography`` rejects a NULL there; the tpm2 OpenSSL provider 1.1
     writes one into the CSRs it signs. The signature covers only the inner
     structure, so removing the field keeps it valid. Other input is returned

@@ -1,9 +1,9 @@
 """Reconnect discipline: exponential backoff with full jitter and a cap.
 
 Each failed attempt doubles the cap, from ``min_delay_s`` up to
-``max_delay_s``, and the delay is drawn uniformly below the cap, so a fleet
-that lost the same broker spreads its reconnects over the whole window
-instead of arriving in one burst. A session counts as a success only once it
+``max_delay_s``. The delay is drawn uniformly below the cap, so a fleet that
+lost the same broker spreads its reconnects over the whole window instead of
+arriving in one burst. A session counts as a success only once it
 has lasted ``STABLE_SESSION_S``. A broker that accepts the connection and
 then drops it (a duplicate client id, an authorisation failure) therefore
 keeps the delay growing like any other failure.

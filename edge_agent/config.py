@@ -4,7 +4,7 @@ The agent reads its own file (default ``/etc/edge-agent/agent.toml``) over a
 firmware profile (``firmware_profiles/<name>.toml``) that contains the
 hardware facts of one gateway model. A key set in the agent's file wins over the
 profile. Every invalid setting is reported with the file, the key, the value
-and the fix; unknown keys are errors, because a misspelt security setting
+and the fix. Unknown keys are errors, because a misspelt security setting
 must never fall back to a default without anyone noticing.
 """
 

@@ -166,9 +166,9 @@ class _Wait:
 class EntropyGate:
     """Decides whether a TLS handshake may start now, with a bounded wait per purpose.
 
-    ``admit`` never blocks, so the agent's loop keeps sampling and feeding the
-    watchdog while a handshake waits; ``wait_until_ready`` and ``ensure_ready``
-    block, for one-shot commands.
+    ``admit`` returns at once, so the agent's loop keeps sampling and feeding
+    the watchdog while a handshake waits. ``wait_until_ready`` and
+    ``ensure_ready`` block, for one-shot commands.
     """
 
     def __init__(

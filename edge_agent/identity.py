@@ -1,7 +1,7 @@
 """The gateway's IEEE 802.1AR identity: the IDevID, an optional LDevID, and which one TLS presents.
 
 ``validate_identity`` runs every check on every configured credential and
-returns a report; it never raises for bad certificates or keys.
+returns a report. It does not raise for bad certificates or keys.
 ``load_identity`` uses that report to pick the TLS client certificate: the
 LDevID when one is configured and passes every check, otherwise the IDevID,
 and it logs why it fell back. The checks themselves live in

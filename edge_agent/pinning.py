@@ -143,7 +143,7 @@ def parse_pin(text: str) -> Pin:
 
     Other spellings (OkHttp's ``sha256/``, HPKP's ``pin-sha256="..."``, a hex
     digest) are rejected, not converted, because a pin is a security setting
-    and a guessed meaning must not slip in; the message shows the canonical
+    and a guessed meaning must not slip in. The message shows the canonical
     form to write instead.
     """
     if not isinstance(text, str):

@@ -174,7 +174,7 @@ def load_client_certificate(context: ssl.SSLContext, identity: DeviceIdentity) -
     """Present the device certificate and its chain as the TLS client certificate.
 
     ``load_cert_chain`` reads PEM files only, so a DER certificate is handed
-    over as PEM through an anonymous in-memory file; the private key is never
+    over as PEM through an anonymous in-memory file. The private key is never
     copied to disk.
     """
     cert_pem = b"".join(

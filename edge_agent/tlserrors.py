@@ -2,7 +2,7 @@
 
 ``classify_tls_error`` maps the exception of a failed connection attempt to
 one short, stable class name, so that logs, telemetry and ``edge-agent``
-commands can say *why* a broker was rejected without parsing OpenSSL's text.
+commands can state *why* a broker was rejected without parsing OpenSSL's text.
 """
 
 import socket
@@ -32,7 +32,7 @@ UNKNOWN = "unknown"
 # The classes in which the broker's chain was received and rejected by verification.
 CERTIFICATE_CLASSES = frozenset({UNTRUSTED_CHAIN, HOSTNAME_MISMATCH, EXPIRED, NOT_YET_VALID, CERTIFICATE_INVALID})
 
-# What each class means and what to check first, for logs and reports.
+# One hint per class, for logs and reports: its meaning and what to check first.
 TLS_FAILURE_HINTS: Dict[str, str] = {
     PIN_MISMATCH: "the verified chain matches no configured pin; compare broker.pins with 'edge-agent pin --connect'",
     UNTRUSTED_CHAIN: "the broker certificate does not chain to broker.ca_file; check ca_file and the broker's chain",
@@ -101,7 +101,7 @@ def classify_tls_error(exc: BaseException) -> str:
     ``exc`` is what the TCP connect, the TLS handshake or the pin check
     raised: a ``PinMismatchError``, an ``ssl.SSLCertVerificationError``, another
     ``ssl.SSLError`` or an ``OSError``. The result is one of the module
-    constants, stable across OpenSSL versions, and ``TLS_FAILURE_HINTS`` holds
+    constants, stable across OpenSSL versions, and ``TLS_FAILURE_HINTS`` contains
     one line on what each means:
 
     - ``pin-mismatch``: the chain verified but no certificate of it matches a pin;

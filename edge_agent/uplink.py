@@ -34,7 +34,7 @@ from edge_agent.tlserrors import describe_tls_error
 
 logger = logging.getLogger(__name__)
 
-# paho keeps at most ``window`` messages unacknowledged on the wire; this many
+# paho keeps at most ``window`` messages unacknowledged on the wire. This many
 # windows' worth are handed to it at once, so its network thread can send the
 # next message the moment an acknowledgement frees a slot. They stay in the
 # spool until acknowledged.

@@ -1,6 +1,6 @@
 """Broker keys, certificates and servers for the pin tests.
 
-``BrokerKeys`` holds one broker CA with its key in memory and three broker
+``BrokerKeys`` contains one broker CA with its key in memory and three broker
 keys: ``live`` (pinned, in use), ``spare`` (pinned, the backup) and
 ``other`` (never pinned), so a test can issue any certificate it needs.
 """

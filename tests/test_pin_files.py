@@ -76,6 +76,7 @@ def write_forms(folder: Path, key) -> Dict[str, Path]:
         .sign(key, _signature_hash(key))
     )
     csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, _signature_hash(key))
+
     pkcs8 = serialization.PrivateFormat.PKCS8
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     none = serialization.NoEncryption()

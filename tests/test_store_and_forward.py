@@ -17,6 +17,7 @@ import pytest
 
 from edge_agent.devbroker import DevBroker, Observer, free_port
 from edge_agent.spool import Spool
+from waiting import wait_until
 
 FAST = {"telemetry": {"interval_s": 0.1}}
 
@@ -93,15 +94,6 @@ def documents(observer: Observer) -> List[dict]:
 
 def received_seqs(observer: Observer) -> List[int]:
     return [doc["seq"] for doc in documents(observer) if doc["seq"] is not None]
-
-
-def wait_until(condition, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def wait_for_seq(observer: Observer, seq: int, timeout_s: float = 30.0) -> None:

@@ -25,6 +25,7 @@ from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
 from edge_agent.verify import Verifier, check_broker, check_identity
 from fakehw import FakeProc, FakeSysfs
+from waiting import wait_until
 
 UTC = datetime.timezone.utc
 # A well-formed pin that matches no key of the test PKI.
@@ -34,15 +35,6 @@ UNRELATED_PIN = "sha256//" + base64.b64encode(hashlib.sha256(b"no such key").dig
 def connect_seen(log: str) -> bool:
     """Return whether the broker log shows an MQTT CONNECT (not just a TCP/TLS connection)."""
     return "CONNECT" in log.replace("DISCONNECT", "") or "Received" in log
-
-
-def wait_until(condition, timeout_s: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def broker_log_after(broker, connections: int) -> str:
@@ -55,6 +47,7 @@ def broker_log_after(broker, connections: int) -> str:
     wait_until(
         lambda: broker.log().count("closed its connection") + broker.log().count("disconnected") >= connections,
         what=f"{connections} closed connections in the broker log",
+        timeout_s=20.0,
     )
     return broker.log()
 
@@ -336,13 +329,13 @@ def test_agent_waits_for_entropy(broker, observer, write_config, seeded_proc, ca
     agent.entropy.probe = probe
     thread = start_in_thread(agent)
     try:
-        wait_until(lambda: agent.entropy.waits >= 3, what="three entropy waits")
+        wait_until(lambda: agent.entropy.waits >= 3, what="three entropy waits", timeout_s=20.0)
         assert agent.uplink.state != "connected"
         # Only the observer has connected: the agent has not even opened a TCP connection.
         assert broker.log().count("New connection from") == 1
 
         probe.seeded.set()
-        wait_until(lambda: agent.uplink.state == "connected", what="the connection after seeding")
+        wait_until(lambda: agent.uplink.state == "connected", what="the connection after seeding", timeout_s=20.0)
         assert observer.wait_for(1, "/telemetry", timeout_s=10)
     finally:
         agent.stop()
@@ -360,14 +353,14 @@ def test_agent_survives_entropy_timeout(broker, write_config, seeded_proc, caplo
     agent.entropy.probe = probe
     thread = start_in_thread(agent)
     try:
-        wait_until(lambda: agent.entropy.failures >= 2, what="two abandoned handshakes")
+        wait_until(lambda: agent.entropy.failures >= 2, what="two abandoned handshakes", timeout_s=20.0)
         depth_while_waiting = agent.spool.depth
         assert thread.is_alive()
         assert "New connection from" not in broker.log()
 
-        wait_until(lambda: agent.spool.depth > depth_while_waiting, what="telemetry spooled while waiting")
+        wait_until(lambda: agent.spool.depth > depth_while_waiting, what="telemetry spooled while waiting", timeout_s=20.0)
         probe.seeded.set()
-        wait_until(lambda: agent.uplink.state == "connected", what="the connection after seeding")
+        wait_until(lambda: agent.uplink.state == "connected", what="the connection after seeding", timeout_s=20.0)
     finally:
         agent.stop()
         thread.join(timeout=20)
