@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_agent.certfiles import load_certificates, load_private_key, read_file, read_passphrase  # noqa: F401
 from edge_agent.config import IdentityConfig
+from edge_agent.credential import ClientCredential
 from edge_agent.errors import IdentityError
 from edge_agent.identity_checks import (  # noqa: F401
     CHECK_IDS,
@@ -91,6 +93,26 @@ class DeviceIdentity:
     @property
     def never_expires(self) -> bool:
         return has_no_expiration(self.certificate)
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The leaf and the intermediate CA certificates as concatenated PEM."""
+        return b"".join(cert.public_bytes(Encoding.PEM) for cert in (self.certificate, *self.chain))
+
+    def credential(self) -> ClientCredential:
+        """Return the plain-data form that the service keeps (see ``edge_agent.credential``)."""
+        return ClientCredential(
+            role=self.role,
+            subject=self.subject,
+            cert_path=self.cert_path,
+            key_path=self.key_path,
+            chain_pem=self.chain_pem,
+            device_id=self.device_id,
+            device_id_source=self.device_id_source,
+            key_source=self.key_source,
+            tpm_tcti=self.tpm_tcti,
+            key_passphrase=self.key_passphrase,
+        )
 
     def __repr__(self) -> str:
         # The passphrase must not reach logs through a repr.

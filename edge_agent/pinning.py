@@ -17,12 +17,12 @@ import re
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 from edge_agent.errors import PinSyntaxError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def pin_from_spki_der(spki_der: bytes) -> Pin:
 
 def pin_from_public_key(public_key) -> Pin:
     """Compute the pin of a ``cryptography`` public key object."""
+    # Imported here, so that the service, which computes pins from DER only, does not load cryptography.
+    from cryptography.hazmat.primitives import serialization
+
     spki_der = public_key.public_bytes(
         serialization.Encoding.DER,
         serialization.PublicFormat.SubjectPublicKeyInfo,
@@ -70,7 +73,7 @@ def pin_from_public_key(public_key) -> Pin:
     return pin_from_spki_der(spki_der)
 
 
-def pin_from_certificate(certificate: x509.Certificate) -> Pin:
+def pin_from_certificate(certificate: "x509.Certificate") -> Pin:
     return pin_from_public_key(certificate.public_key())
 
 
@@ -93,11 +96,11 @@ def spki_from_certificate_der(certificate_der: bytes) -> bytes:
     forbids, for example) still gets its pin; OpenSSL accepts such
     certificates in a handshake. Raises ``ValueError`` on malformed DER.
     """
-    certificate = _der_children(certificate_der, 0, len(certificate_der))
+    certificate = der_children(certificate_der, 0, len(certificate_der))
     if not certificate or certificate[0][0] != _DER_SEQUENCE:
         raise ValueError("not a DER certificate: no tbsCertificate SEQUENCE")
     _, _, tbs_end, tbs_start = certificate[0]
-    tbs = _der_children(certificate_der, tbs_start, tbs_end)
+    tbs = der_children(certificate_der, tbs_start, tbs_end)
     # tbsCertificate: [0] version (optional), serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo.
     index = 6 if tbs and tbs[0][0] == _DER_VERSION_TAG else 5
     if len(tbs) <= index or tbs[index][0] != _DER_SEQUENCE:
@@ -109,7 +112,7 @@ _DER_SEQUENCE = 0x30
 _DER_VERSION_TAG = 0xA0
 
 
-def _der_children(data: bytes, start: int, end: int) -> "list[tuple[int, int, int, int]]":
+def der_children(data: bytes, start: int, end: int) -> "list[tuple[int, int, int, int]]":
     """Split the DER element at ``start`` into its children: (tag, content start, end, element start)."""
     content_start, content_end = der_element_span(data, start, end)
     children = []

@@ -6,20 +6,24 @@ paho-mqtt wraps its socket with ``do_handshake_on_connect=False``, calls
 chain matches no pin is disconnected before it receives a single MQTT byte.
 """
 
+import base64
 import logging
 import os
 import ssl
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Union
 
-from cryptography.hazmat.primitives import serialization
-
-from edge_agent.certfiles import load_private_key
 from edge_agent.config import BrokerConfig
 from edge_agent.errors import ConfigError, IdentityError
-from edge_agent.identity import DeviceIdentity
-from edge_agent.pinning import PinMismatchError, PinSet
+from edge_agent.pinning import PinMismatchError, PinSet, der_children, der_element_span
+
+if TYPE_CHECKING:
+    from edge_agent.credential import ClientCredential
+    from edge_agent.identity import DeviceIdentity
+
+    # Both carry the key location, the PEM chain and how the key is held.
+    Credential = Union[ClientCredential, DeviceIdentity]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +141,7 @@ def load_broker_ca(context: ssl.SSLContext, ca_file: Path) -> None:
 
 def create_client_context(
     broker: BrokerConfig,
-    identity: Optional[DeviceIdentity],
+    identity: "Optional[Credential]",
     pin_set: Optional[PinSet] = None,
     ca_file: Optional[Path] = None,
 ) -> PinnedContext:
@@ -170,34 +174,66 @@ def create_client_context(
     return context
 
 
-def load_client_certificate(context: ssl.SSLContext, identity: DeviceIdentity) -> None:
+def load_client_certificate(context: ssl.SSLContext, identity: "Credential") -> None:
     """Present the device certificate and its chain as the TLS client certificate.
 
-    ``load_cert_chain`` reads PEM files only, so a DER certificate is handed
-    over as PEM through an anonymous in-memory file. The private key is never
-    copied to disk.
+    ``load_cert_chain`` reads PEM files only, so the chain and a DER key are
+    handed over as PEM through anonymous in-memory files. The private key is
+    never copied to disk.
     """
-    cert_pem = b"".join(
-        cert.public_bytes(serialization.Encoding.PEM) for cert in (identity.certificate, *identity.chain)
-    )
     key_data = identity.key_path.read_bytes()
     passphrase = identity.key_passphrase
+    # Without a password OpenSSL would prompt on the terminal; a service must fail instead.
+    password = passphrase if passphrase is not None else _no_passphrase(identity.key_path)
 
     if b"-----BEGIN" in key_data:
-        key_file = str(identity.key_path)
-        with _memory_file(cert_pem) as cert_file:
-            # Without a password OpenSSL would prompt on the terminal; a service must fail instead.
-            password = passphrase if passphrase is not None else _no_passphrase(identity.key_path)
-            context.load_cert_chain(cert_file, key_file, password=password)
+        with _memory_file(identity.chain_pem) as cert_file:
+            context.load_cert_chain(cert_file, str(identity.key_path), password=password)
         return
 
-    # The shared loader also trims a padded DER key.
-    private_key = load_private_key(identity.key_path, passphrase)
-    key_pem = private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    with _memory_file(cert_pem) as cert_file, _memory_file(key_pem) as key_file:
-        context.load_cert_chain(cert_file, key_file)
+    key_pem = der_key_as_pem(identity.key_path, key_data)
+    with _memory_file(identity.chain_pem) as cert_file, _memory_file(key_pem) as key_file:
+        context.load_cert_chain(cert_file, key_file, password=password)
+
+
+# DER tags that tell the private key structures apart.
+_DER_INTEGER, _DER_OCTET_STRING, _DER_SEQUENCE = 0x02, 0x04, 0x30
+
+
+def der_key_as_pem(key_path: Path, data: bytes) -> bytes:
+    """Wrap a DER private key in PEM with the label of its structure; padding after the key is dropped.
+
+    The label comes from the shape of the key: PKCS#8 (plain or encrypted),
+    PKCS#1 RSA or SEC 1 EC. OpenSSL decodes the contents when the context loads it.
+    """
+    try:
+        _, end = der_element_span(data, 0, len(data))
+        label = _der_key_label(data[:end])
+    except ValueError as exc:
+        raise IdentityError(
+            f"{key_path}: cannot load the private key: the file is not a PEM or DER private key ({exc})",
+            str(key_path),
+            "key-load",
+        ) from None
+    body = base64.b64encode(data[:end])
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return b"\n".join([f"-----BEGIN {label}-----".encode(), *lines, f"-----END {label}-----".encode(), b""])
+
+
+def _der_key_label(der: bytes) -> str:
+    if der[0] != _DER_SEQUENCE:
+        raise ValueError("no outer SEQUENCE")
+    fields = der_children(der, 0, len(der))
+    tags = [tag for tag, *_ in fields[:2]]
+    if tags == [_DER_SEQUENCE, _DER_OCTET_STRING]:
+        return "ENCRYPTED PRIVATE KEY"
+    if tags == [_DER_INTEGER, _DER_SEQUENCE]:
+        return "PRIVATE KEY"
+    if tags == [_DER_INTEGER, _DER_INTEGER]:
+        return "RSA PRIVATE KEY"
+    if tags == [_DER_INTEGER, _DER_OCTET_STRING]:
+        return "EC PRIVATE KEY"
+    raise ValueError("not a PKCS#8, PKCS#1 or SEC 1 private key structure")
 
 
 def _no_passphrase(key_path: Path):

@@ -25,7 +25,7 @@ import ssl
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -37,7 +37,7 @@ from edge_agent.asn1 import DerError, _decode_oid, read_tlv
 from edge_agent.certfiles import load_certificates, read_file
 from edge_agent.config import BrokerConfig, IdentityConfig, secret_file_mode_problem
 from edge_agent.errors import IdentityError
-from edge_agent.identity import CredentialFiles, DeviceIdentity
+from edge_agent.identity import CredentialFiles
 from edge_agent.identity_checks import ERROR, OK, CheckResult
 from edge_agent.pinning import pin_from_certificate, pin_from_spki_der
 from edge_agent.tls import create_client_context, load_client_certificate
@@ -57,6 +57,9 @@ from edge_agent.tpm_provider import (
     run_openssl,
     tcti_problem,
 )
+
+if TYPE_CHECKING:
+    from edge_agent.tls import Credential
 
 logger = logging.getLogger(__name__)
 
@@ -341,12 +344,15 @@ _checked_ca_files: Set[Tuple[str, int, int, str]] = set()
 _attached_keys: Set[Path] = set()
 
 
-def attach_tpm_identity(context: ssl.SSLContext, identity: DeviceIdentity, ca_file: Path) -> None:
+def attach_tpm_identity(context: ssl.SSLContext, identity: "Credential", ca_file: Path) -> None:
     """Self-test the TPM key, check the broker's CA, then present the key as the TLS client certificate."""
     # The TPM responded to the probe in prepare_process, at the start of this process.
     _check_process_setup(identity)
     start = time.monotonic()
-    sign_and_verify_nonce(identity.cert_path, identity.key_path, identity.tpm_tcti, identity.certificate)
+    # NOTE: verifying the self-test signature loads cryptography into the service, about 10 MB
+    # more resident memory than with a key file.
+    leaf = x509.load_pem_x509_certificate(identity.chain_pem)
+    sign_and_verify_nonce(identity.cert_path, identity.key_path, identity.tpm_tcti, leaf)
     elapsed = time.monotonic() - start
     # A rebuilt context after a failed attempt skips a CA file checked before, unless it changed.
     ca_stat = ca_file.stat()
@@ -374,7 +380,7 @@ def attach_tpm_identity(context: ssl.SSLContext, identity: DeviceIdentity, ca_fi
     )
 
 
-def refresh_tpm_context(broker: BrokerConfig, identity: DeviceIdentity, current: ssl.SSLContext) -> ssl.SSLContext:
+def refresh_tpm_context(broker: BrokerConfig, identity: "Credential", current: ssl.SSLContext) -> ssl.SSLContext:
     """Build the TLS context again after a failed connection attempt with a TPM-held key.
 
     A TPM restart drops the key that ``current`` loaded, and a new context
@@ -393,7 +399,7 @@ def refresh_tpm_context(broker: BrokerConfig, identity: DeviceIdentity, current:
         return current
 
 
-def _check_process_setup(identity: DeviceIdentity) -> None:
+def _check_process_setup(identity: "Credential") -> None:
     setup = process_setup()
     if setup.problem is not None:
         raise setup.problem
