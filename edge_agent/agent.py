@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from edge_agent import __version__
 from edge_agent.agentstate import AgentStateWriter, state_file_path
@@ -18,15 +18,17 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.entropy import EntropyGate
 from edge_agent.errors import EdgeAgentError, SpoolError
-from edge_agent.identity import DeviceIdentity, load_identity
+from edge_agent.credential import load_credential_isolated
 from edge_agent.sdnotify import Notifier
 from edge_agent.spool import Spool, milliseconds_since_boot
 from edge_agent.telemetry import SystemSampler, build_message, read_boot_id, telemetry_topic
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import create_client_context
-from edge_agent.tpm import refresh_tpm_context
 from edge_agent.uplink import Uplink
 from edge_agent.verify import Verifier
+
+if TYPE_CHECKING:
+    from edge_agent.tls import Credential
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,12 @@ class Agent:
     """Owns the spool, the uplink and the periodic jobs of one ``edge-agent run``."""
 
     def __init__(
-        self, config: AgentConfig, identity: Optional[DeviceIdentity] = None, notifier: Optional[Notifier] = None
+        self, config: AgentConfig, identity: "Optional[Credential]" = None, notifier: Optional[Notifier] = None
     ) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
-        self.identity = identity or load_identity(config.identity, config.device_id)
+        # The validation runs in a child process, so that with a key file this process never loads cryptography.
+        self.identity = identity or load_credential_isolated(config.identity, config.device_id)
         self.device_id = config.device_id or self.identity.device_id
         self.boot_id = read_boot_id()
         self.sequence_key = f"seq:{self.boot_id}"
@@ -69,7 +72,7 @@ class Agent:
         )
         self.entropy = EntropyGate(config.entropy)
         self.thermal = ThermalGovernor(config.thermal)
-        self.verifier = Verifier(self.entropy, self.thermal, start=time.monotonic())
+        self.verifier = Verifier(self.entropy, self.thermal, start=time.monotonic(), isolate=True)
         self.backoff = Backoff(config.reconnect)
         self.sampler = SystemSampler(disk_path=config.spool.path.parent)
         self._context = create_client_context(config.broker, self.identity)
@@ -146,6 +149,8 @@ class Agent:
         if self.uplink.connect():
             return
         if self.identity.key_source == "tpm":
+            from edge_agent.tpm import refresh_tpm_context
+
             # A TPM restart leaves the key loaded into the old context unusable.
             self._context = refresh_tpm_context(self.config.broker, self.identity, self._context)
         delay = self._reconnect_delay()
@@ -254,7 +259,7 @@ class Agent:
         self.notifier.reloading()
         try:
             config = load_config(source)
-            identity = load_identity(config.identity, config.device_id)
+            identity = load_credential_isolated(config.identity, config.device_id)
             context = create_client_context(config.broker, identity)
         except EdgeAgentError as exc:
             logger.error("reload rejected, the running configuration stays in force: %s", exc)
@@ -269,7 +274,7 @@ class Agent:
         self.notifier.ready(self.status_line())
         return True
 
-    def _apply(self, config: AgentConfig, identity: DeviceIdentity, context) -> None:
+    def _apply(self, config: AgentConfig, identity: "Credential", context) -> None:
         self.config = config
         self.identity = identity
         self._context = context

@@ -23,10 +23,9 @@ from typing import Callable, Dict, Optional
 
 import serial
 
-from edge_agent import __version__
-from edge_agent.diagnose.model import DEFAULT_TIMEOUT_S
+from edge_agent import __version__, isolated
+from edge_agent.diagnose.model import DEFAULT_TIMEOUT_S, Report
 from edge_agent.diagnose.render import WIDTH, render_text, to_ascii
-from edge_agent.diagnose.runner import GROUPS, run_diagnosis
 from edge_agent.errors import EdgeAgentError
 from edge_agent.lineeditor import Echo, Line, LineEditor, Notice
 
@@ -69,10 +68,13 @@ class ConsoleCommands:
         config_path: Path,
         live_status: Optional[Callable[[], Dict[str, object]]] = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        isolate: bool = False,
     ) -> None:
         self.config_path = Path(config_path)
         self.live_status = live_status
         self.timeout_s = timeout_s
+        # In the service, the checks run in a child process, so the agent never loads cryptography.
+        self.isolate = isolate
 
     def execute(self, line: str) -> CommandOutput:
         words = line.strip().split()
@@ -102,14 +104,23 @@ class ConsoleCommands:
     def _diagnose(self, arguments: list) -> CommandOutput:
         if arguments not in ([], ["offline"]):
             return CommandOutput("usage: diagnose [offline]")
-        report = run_diagnosis(self.config_path, offline=bool(arguments), timeout_s=self.timeout_s)
+        report = self._run_checks(offline=bool(arguments), group=None)
         return CommandOutput(render_text(report).rstrip("\n"))
 
     def _group(self, name: str, arguments: list) -> CommandOutput:
         if arguments:
             return CommandOutput(f"usage: {name}")
-        report = run_diagnosis(self.config_path, offline=True, only=GROUPS[name])
+        report = self._run_checks(offline=True, group=name)
         return CommandOutput(render_text(report, header=False).rstrip("\n"))
+
+    def _run_checks(self, offline: bool, group: Optional[str]) -> Report:
+        if self.isolate:
+            # Each network check is bounded by timeout_s; the child gets room for all of them.
+            limit = isolated.CHILD_TIMEOUT_S + 10 * self.timeout_s
+            return isolated.call("diagnose", self.config_path, offline, self.timeout_s, group, timeout_s=limit)
+        from edge_agent.diagnose.runner import run_group
+
+        return run_group(self.config_path, offline, self.timeout_s, group)
 
     def _status(self, arguments: list) -> CommandOutput:
         output = self._group("status", arguments)
@@ -314,7 +325,7 @@ def to_ascii_lines(text: str) -> str:
 
 def start_service_console(config_path: Path, port: str, baud: int, live_status: Callable[[], dict]) -> SerialConsole:
     """Start the console in a daemon thread of the running agent; return it so the agent can stop it."""
-    console = SerialConsole(port, baud, ConsoleCommands(config_path, live_status=live_status))
+    console = SerialConsole(port, baud, ConsoleCommands(config_path, live_status=live_status, isolate=True))
 
     def run() -> None:
         while not console.stop_event.is_set():

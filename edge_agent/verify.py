@@ -9,27 +9,32 @@ entropy gate first and closes the socket right after the handshake, so the
 broker never receives an MQTT byte from it.
 
 The job runs on the thermal governor's interval, which stretches as the
-gateway heats up and returns to normal as it cools.
+gateway heats up and returns to normal as it cools. In the service, the
+certificate parsing of each run (``finish_checks``) runs in a short-lived
+child process, so that the service never loads ``cryptography``.
 """
 
+import dataclasses
 import datetime
 import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from cryptography import x509
-
+from edge_agent import isolated
 from edge_agent.config import AgentConfig, BrokerConfig, IdentityConfig
 from edge_agent.entropy import EntropyGate
 from edge_agent.errors import EdgeAgentError
-from edge_agent.identity import WARNING, has_no_expiration, validate_identity
-from edge_agent.identity_report import IdentityReport
 from edge_agent.pinning import PinMismatchError, pin_from_certificate_der
 from edge_agent.thermal import ThermalGovernor
 from edge_agent.tls import PinnedContext, verified_chain_der
 from edge_agent.tlserrors import classify_tls_error, describe_tls_error
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from edge_agent.identity_report import IdentityReport
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +64,10 @@ class ChainExpiry:
         return (self.not_after - now).total_seconds() / SECONDS_PER_DAY
 
 
-def earliest_expiry(certificates: Sequence[x509.Certificate]) -> ChainExpiry:
+def earliest_expiry(certificates: Sequence["x509.Certificate"]) -> ChainExpiry:
     """Find the certificate that expires first; notAfter 99991231235959Z means it never expires."""
+    from edge_agent.identity import has_no_expiration
+
     expiring = [c for c in certificates if not has_no_expiration(c)]
     if not expiring:
         return ChainExpiry(None, None)
@@ -101,17 +108,21 @@ class Finding:
 # --- the device identity ---------------------------------------------------
 
 
-def identity_report(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> IdentityReport:
+def identity_report(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> "IdentityReport":
     """Validate the configured credentials at ``now``.
 
     This is the only call into the identity module, so a change of its
     interface touches this function alone. ``validate_identity`` reports
     bad certificates and keys as check results instead of raising.
     """
+    from edge_agent.identity import validate_identity
+
     return validate_identity(settings, now, device_id)
 
 
 def check_identity(settings: IdentityConfig, device_id: Optional[str], now: datetime.datetime) -> Finding:
+    from edge_agent.identity import WARNING
+
     try:
         report = identity_report(settings, device_id, now)
     except (EdgeAgentError, OSError, ValueError) as exc:
@@ -142,35 +153,70 @@ def check_broker(broker: BrokerConfig, context: PinnedContext) -> Finding:
     its ``PinnedSSLSocket`` checks the pin-set inside ``do_handshake`` and
     raises ``PinMismatchError`` before this function gets the socket.
     """
-    peer = f"{broker.host}:{broker.port}"
+    finding, chain_der = probe_broker(broker, context)
+    return add_chain_expiry(finding, _peer(broker), chain_der)
+
+
+def probe_broker(broker: BrokerConfig, context: PinnedContext) -> "tuple[Finding, tuple[bytes, ...]]":
+    """Run the handshake of ``check_broker``; return the finding without expiry and the verified chain."""
+    peer = _peer(broker)
     try:
         with socket.create_connection((broker.host, broker.port), timeout=broker.handshake_timeout_s) as raw:
             # paho wraps the same way: server_hostname is the host, PinnedContext swaps in server_name.
             with context.wrap_socket(raw, server_hostname=broker.host, do_handshake_on_connect=False) as tls:
                 tls.do_handshake()
-                chain_der = verified_chain_der(tls)
+                chain_der = tuple(verified_chain_der(tls))
                 version = tls.version()
     except PinMismatchError as exc:
-        return Finding(False, f"broker {peer}: {describe_tls_error(exc)}", pin_matched=False, failure_class=classify_tls_error(exc))
+        finding = Finding(False, f"broker {peer}: {describe_tls_error(exc)}", pin_matched=False, failure_class=classify_tls_error(exc))
+        return finding, ()
     except OSError as exc:
         # ssl.SSLError and its verification errors are OSErrors too.
-        return Finding(False, f"broker {peer}: {describe_tls_error(exc)}", failure_class=classify_tls_error(exc))
+        return Finding(False, f"broker {peer}: {describe_tls_error(exc)}", failure_class=classify_tls_error(exc)), ()
     except ValueError as exc:
         # The pin check raises ValueError for a certificate whose DER has no readable SubjectPublicKeyInfo.
-        return Finding(False, f"broker {peer} chain could not be parsed for the pin check: {exc}")
+        return Finding(False, f"broker {peer} chain could not be parsed for the pin check: {exc}"), ()
+
+    matched = context.pin_set.first_match([pin_from_certificate_der(der) for der in chain_der])
+    if matched is None:
+        # The handshake passed without a pin: the pin-set expired and runs in CA-only mode.
+        detail = f"broker {peer} verified by its CA only ({version}); the pin-set has expired"
+        return Finding(True, detail, pin_matched=False), chain_der
+    return Finding(True, f"broker {peer} chain and pin verified ({version})", pin_matched=True, pin=str(matched)), chain_der
+
+
+def add_chain_expiry(finding: Finding, peer: str, chain_der: Sequence[bytes]) -> Finding:
+    """Return ``finding`` with the earliest expiry of the broker's verified chain ``chain_der``."""
+    if not chain_der:
+        return finding
+    from cryptography import x509
 
     try:
         certificates = [x509.load_der_x509_certificate(der) for der in chain_der]
     except ValueError as exc:
         # OpenSSL verified the chain, but cryptography rejects some name encodings it accepts.
-        return Finding(False, f"broker {peer} chain verified but not readable for its expiry: {exc}")
-    expiry = earliest_expiry(certificates)
-    matched = context.pin_set.first_match([pin_from_certificate_der(der) for der in chain_der])
-    if matched is None:
-        # The handshake passed without a pin: the pin-set expired and runs in CA-only mode.
-        detail = f"broker {peer} verified by its CA only ({version}); the pin-set has expired"
-        return Finding(True, detail, expiry, pin_matched=False)
-    return Finding(True, f"broker {peer} chain and pin verified ({version})", expiry, pin_matched=True, pin=str(matched))
+        detail = f"broker {peer} chain verified but not readable for its expiry: {exc}"
+        return dataclasses.replace(finding, valid=False, detail=detail)
+    return dataclasses.replace(finding, expiry=earliest_expiry(certificates))
+
+
+def finish_checks(
+    settings: IdentityConfig,
+    device_id: Optional[str],
+    now: datetime.datetime,
+    broker: Finding,
+    peer: str,
+    chain_der: Sequence[bytes],
+) -> "tuple[Finding, Finding]":
+    """Run the certificate parsing of a verification: the identity check and the broker chain's expiry.
+
+    The service runs this in a child process (see ``edge_agent.isolated``).
+    """
+    return check_identity(settings, device_id, now), add_chain_expiry(broker, peer, chain_der)
+
+
+def _peer(broker: BrokerConfig) -> str:
+    return f"{broker.host}:{broker.port}"
 
 
 # --- the report --------------------------------------------------------------
@@ -269,8 +315,10 @@ class Verifier:
         start: float,
         first_run_delay_s: Optional[float] = None,
         wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(UTC),
+        isolate: bool = False,
     ) -> None:
         self.gate = gate
+        self.isolate = isolate
         self.governor = governor
         self.schedule = VerificationSchedule(governor, start, first_run_delay_s)
         self._wall_clock = wall_clock
@@ -285,7 +333,7 @@ class Verifier:
 
     def run(self, now: float, config: AgentConfig, context: PinnedContext) -> Optional[VerificationReport]:
         """Run the checks; return None when the entropy gate postpones the run to ``next_due()``."""
-        peer = f"{config.broker.host}:{config.broker.port}"
+        peer = _peer(config.broker)
         admission = self.gate.admit("verification", peer)
         if not admission.ready and not admission.gave_up:
             self.schedule.postpone(now + admission.retry_in_s)
@@ -293,11 +341,12 @@ class Verifier:
 
         started = time.monotonic()
         wall_now = self._wall_clock()
-        identity = check_identity(config.identity, config.device_id, wall_now)
+        chain_der: "tuple[bytes, ...]" = ()
         if admission.ready:
-            broker = check_broker(config.broker, context)
+            broker, chain_der = probe_broker(config.broker, context)
         else:
             broker = Finding(False, f"broker {peer} not checked: {admission.status.detail}", checked=False)
+        identity, broker = self._finish(config, wall_now, broker, chain_der)
 
         report = VerificationReport(wall_now, time.monotonic() - started, self.governor.state, identity, broker)
         self.schedule.completed(now)
@@ -305,6 +354,17 @@ class Verifier:
         self.runs += 1
         self._log(report)
         return report
+
+    def _finish(
+        self, config: AgentConfig, wall_now: datetime.datetime, broker: Finding, chain_der: "tuple[bytes, ...]"
+    ) -> "tuple[Finding, Finding]":
+        arguments = (config.identity, config.device_id, wall_now, broker, _peer(config.broker), chain_der)
+        if not self.isolate:
+            return finish_checks(*arguments)
+        try:
+            return isolated.call("finish_verification", *arguments)
+        except EdgeAgentError as exc:
+            return Finding(False, f"device identity could not be checked: {exc}"), broker
 
     def _log(self, report: VerificationReport) -> None:
         days = report.days_until_expiry

@@ -323,10 +323,14 @@ def test_agent_serves_console(serial_link, write_config, pki):
     try:
         terminal.read_until(PROMPT_BYTES)
         status = terminal.command(b"status\r")
+        identity = terminal.command(b"identity\r")
     finally:
         agent.stop()
         runner.join(timeout=30)
 
+    # The service runs the checks in a child process, which reads the certificates.
+    assert pki.device_serial.encode() in identity
+    assert b"FAIL" not in identity
     assert b"live state of this agent" in status
     assert b"queue_depth" in status
     assert not runner.is_alive()

@@ -49,6 +49,11 @@ GROUPS = {
 }
 
 
+def run_group(config_path: Path, offline: bool, timeout_s: float, group: Optional[str] = None) -> Report:
+    """Run the checks of one console group of ``GROUPS``, or all of them when ``group`` is None."""
+    return run_diagnosis(config_path, offline=offline, timeout_s=timeout_s, only=None if group is None else GROUPS[group])
+
+
 def run_diagnosis(
     config_path: Path,
     offline: bool = False,
