@@ -24,3 +24,4 @@ def test_wheel_contains_every_module(tmp_path):
     assert any(name.endswith("firmware_profiles/nxp-imx8m.toml") for name in names)
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "edge-agent = edge_agent.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), sorted(names)
