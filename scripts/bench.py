@@ -251,11 +251,13 @@ def bench_memory(lab: Lab, folder: Path, count: int) -> dict:
         peak = _proc_status(process.pid, "VmHWM")
         anonymous = _proc_status(process.pid, "RssAnon")
         pss = _pss_mb(process.pid)
+        # The service leaves cryptography (and its bundled OpenSSL) to child processes.
+        cryptography_mapped = "cryptography" in Path(f"/proc/{process.pid}/maps").read_text()
     finally:
         process.terminate()
         process.wait(30)
     return {"rss_mb": round(rss, 1), "rss_peak_mb": round(peak, 1), "rss_anon_mb": round(anonymous, 1),
-            "pss_mb": round(pss, 1), "memory_messages": count}
+            "pss_mb": round(pss, 1), "memory_messages": count, "memory_cryptography_mapped": cryptography_mapped}
 
 
 def bench_idle(lab: Lab, folder: Path, seconds: float) -> dict:
