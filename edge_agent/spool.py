@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 
 from edge_agent.errors import SpoolError
 
@@ -83,9 +83,12 @@ def milliseconds_since_boot() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-@dataclass(frozen=True)
-class SpooledMessage:
-    """One accepted message waiting for its PUBACK."""
+class SpooledMessage(NamedTuple):
+    """One accepted message waiting for its PUBACK.
+
+    A named tuple, because a drain builds one per message: that costs about a
+    quarter of a frozen dataclass's ``__init__`` (CPython 3.11).
+    """
 
     id: int
     topic: str
@@ -239,6 +242,11 @@ class Spool:
         # The spool is read at its head and written at its tail, so a small page cache suffices
         # (SQLite's default is 2 MiB per connection, a lot on a gateway).
         db.execute("PRAGMA cache_size=-256")
+        # Debian's SQLite is built with SECURE_DELETE, which also writes each freed page out
+        # as zeros: about twice the flash writes per acknowledged message. FAST (SQLite 3.20
+        # and newer) zeroes deleted rows only in pages written anyway; freed pages keep their
+        # old telemetry until reused.
+        db.execute("PRAGMA secure_delete=FAST")
         db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         check = db.execute("PRAGMA quick_check").fetchone()
@@ -548,7 +556,7 @@ class Spool:
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise self._failure("read queued messages", exc)[0] from None
-        return [SpooledMessage(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+        return [SpooledMessage._make(row) for row in rows]
 
     def sequence(self, key: Optional[str] = None) -> int:
         """Return the last number handed out under ``key`` (default: the spool's own key)."""
