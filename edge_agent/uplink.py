@@ -12,10 +12,14 @@ new messages arrive while nothing is in flight, and closes. During a drain,
 paho's network thread does the rest from ``on_publish``: it maps the PUBACK
 to its spool row, reads the next batch from the spool and publishes it, and
 deletes acknowledged rows in batches. The main loop is woken only when
-nothing is left in flight, and deletes rows acknowledged longer than
-``ACK_FLUSH_S`` ago. Keeping the per-message work in one thread saves the GIL
-hand-overs between the two threads: with that work in the main loop, a drain
-reached about 0.7 of the rate of a bare paho loop (``scripts/bench drain``).
+nothing is left in flight or when the spool is due for a WAL checkpoint. It
+runs that checkpoint, so its fsyncs do not stall paho's thread (unless the
+main loop falls so far behind that SQLite's own checkpoint runs in the
+committing thread), and deletes rows acknowledged longer than
+``ACK_FLUSH_S`` ago. Keeping the per-message
+work in one thread saves the GIL hand-overs between the two threads: with
+that work in the main loop, a drain reached about 0.7 of the rate of a bare
+paho loop (``scripts/bench drain``).
 
 The send state (packet id to row id map, acknowledged ids, last row sent) is
 shared by both threads under one lock. Each paho client carries the number of
@@ -172,7 +176,8 @@ class Uplink:
                 flush = idle or len(self._acked_ids) >= ACK_BATCH
             if flush:
                 self.flush_acks()
-            if idle:
+            # The main loop runs the spool's checkpoint, so its fsyncs do not stall this thread.
+            if idle or (flush and self.spool.checkpoint_due):
                 self.wake.set()
         except Exception:
             self._callback_failed("on_publish")
@@ -307,7 +312,9 @@ class Uplink:
     # --- running ----------------------------------------------------------
 
     def pump(self) -> None:
-        """Notice a lost session, delete acknowledged messages and start sending new ones."""
+        """Run a due spool checkpoint, notice a lost session, delete acknowledged messages and start sending new ones."""
+        if self.spool.checkpoint_due:
+            self.spool.checkpoint()
         if self.state != "connected":
             return
         if self._lost.is_set():
