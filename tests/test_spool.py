@@ -291,3 +291,47 @@ def test_missing_directory_created_private(tmp_path):
         assert (folder.stat().st_mode & 0o777) == 0o700
     finally:
         spool.close()
+
+
+
+def rows_in_database_file(path) -> int:
+    """Count the rows of the database file alone: immutable=1 makes SQLite ignore the WAL."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM message").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_checkpoint_copies_deletes_to_file(tmp_path):
+    path = tmp_path / "spool.db"
+    Spool(path).close()
+    db = sqlite3.connect(str(path))
+    with db:
+        db.executemany("INSERT INTO message(topic, payload, created) VALUES('t', ?, 0)", ([bytes(1000)] for _ in range(1100)))
+    db.close()
+
+    spool = Spool(path)
+    try:
+        spool.ack([m.id for m in spool.peek(2000)])
+        due = spool.checkpoint_due
+        before = rows_in_database_file(path)
+        spool.checkpoint()
+        after = rows_in_database_file(path)
+    finally:
+        spool.close()
+
+    assert due is True
+    assert before == 1100
+    assert after == 0
+    assert spool.checkpoint_due is False
+
+
+def test_checkpoint_of_closed_spool_skipped(tmp_path):
+    spool = Spool(tmp_path / "spool.db")
+    spool.close()
+    (tmp_path / "spool.db").unlink()
+
+    spool.checkpoint()
+
+    assert not (tmp_path / "spool.db").exists()

@@ -11,7 +11,7 @@ from edge_agent.devbroker import DevBroker
 from edge_agent.identity import load_identity
 from edge_agent.spool import Spool
 from edge_agent.tls import create_client_context
-from edge_agent.uplink import Uplink, _Ack
+from edge_agent.uplink import Uplink
 
 
 @pytest.fixture
@@ -128,15 +128,54 @@ def test_stale_puback_keeps_message(broker, pki, identity, spool):
     uplink.close()
     assert uplink.connect()
     row_id = spool.append("edge/test/telemetry", b"queued")
+    with uplink._lock:
+        uplink._inflight[7] = row_id
+        uplink._last_sent_id = row_id
 
-    # A PUBACK recorded for the first session under a packet id that the second session reuses.
-    uplink._inflight[7] = row_id
-    uplink._acks.put(_Ack(uplink._session - 1, 7, None))
-    uplink._collect_acks(flush=True)
-
-    assert [m.id for m in spool.peek(10)] == [row_id]
-    uplink._inflight.clear()
+    # A PUBACK reported for the first session under a packet id that the second session reuses.
+    uplink._on_publish(uplink._client, uplink._session - 1, 7, None, None)
+    uplink.flush_acks()
+    kept_ids = [m.id for m in spool.peek(10)]
+    # The same packet id acknowledged in the current session.
+    uplink._on_publish(uplink._client, uplink._session, 7, None, None)
     uplink.close()
+
+    assert kept_ids == [row_id]
+    assert spool.peek(10) == []
+    assert uplink.counters.callback_errors == 0
+
+
+def test_backlog_drains_in_order_while_appending(broker, observer, pki, identity, spool):
+    # Window 5 makes a hand-off of 50, so most of this backlog is read and sent from on_publish.
+    for index in range(300):
+        spool.append("edge/test/telemetry", str(index).encode())
+    uplink = make_uplink(pki, identity, spool, broker.port)
+    assert uplink.connect()
+    for index in range(300, 400):
+        spool.append("edge/test/telemetry", str(index).encode())
+        uplink.pump()
+    drain(uplink, spool)
+    received = observer.wait_for(400, "/telemetry")
+    uplink.close()
+
+    assert [int(m.payload) for m in received] == list(range(400))
+    assert spool.depth == 0
+    assert uplink.counters.acknowledged == 400
+    assert uplink.counters.callback_errors == 0
+
+
+def test_close_sends_no_new_batch(broker, pki, identity, spool):
+    for index in range(2000):
+        spool.append("edge/test/telemetry", str(index).encode())
+    uplink = make_uplink(pki, identity, spool, broker.port)
+    assert uplink.connect()
+    uplink.pump()
+    uplink.close()
+
+    # Only what was handed to paho before close() was sent; every PUBACK deleted its message.
+    assert uplink.counters.published < 2000
+    assert spool.depth == 2000 - uplink.counters.acknowledged
+    assert [int(m.payload) for m in spool.peek(1)] == [uplink.counters.acknowledged]
 
 
 def test_paho_never_reconnects_alone(broker, pki, identity, spool):
