@@ -306,6 +306,10 @@ class PinSetStatus:
         }
 
 
+# The status of every pin-set without an expiry date, built once because each handshake asks for it.
+_NO_EXPIRY_STATUS = PinSetStatus(NO_EXPIRY, None, None, True, "")
+
+
 class _RateLimit:
     """Monotonic timestamps of the last expiry messages of one pin-set."""
 
@@ -349,7 +353,7 @@ class PinSet:
     def status(self, today: Optional[datetime.date] = None) -> PinSetStatus:
         """Report the expiry state on ``today`` (default: the current UTC date)."""
         if self.expires is None:
-            return PinSetStatus(NO_EXPIRY, None, None, True, "")
+            return _NO_EXPIRY_STATUS
 
         today = today or utc_today()
         days_left = (self.expires - today).days
