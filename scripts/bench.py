@@ -343,7 +343,9 @@ def main() -> int:
     width = max(len(k) for k in results)
     for key, value in results.items():
         print(f"{key:<{width}}  {value!s:<24} {verdict(key, value)}")
+    results["targets_missed"] = [key for key in results if verdict(key, results[key]).endswith("MISSED")]
     print(json.dumps(results, sort_keys=True))
+    # A measurement, not a test: a missed target is reported, and the exit status stays 0.
     return 0
 
 

@@ -1,4 +1,4 @@
-# Shared set-up for scripts/demo and scripts/test; source it, do not run it.
+# Shared set-up for scripts/demo, scripts/test and the benchmark scripts; source it, do not run it.
 # Installs what a fresh Debian machine lacks (Mosquitto, OpenSSL, curl, the
 # Python venv module), then creates .venv and installs edge-agent into it.
 
@@ -70,9 +70,18 @@ install_tpm_test_packages() {
 
 create_venv() {
     local extras="$1"
+    local stamp="$VENV/.edge-agent-install"
+    local wanted
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
+    # The install is editable, so code changes need no reinstall; only a change
+    # of pyproject.toml or of the requested extras does.
+    wanted="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1) $extras"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+        return 0
+    fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$REPO_ROOT$extras"
+    echo "$wanted" > "$stamp"
 }
