@@ -306,7 +306,7 @@ class PinSetStatus:
         }
 
 
-# The status of every pin-set without an expiry date, built once because each handshake asks for it.
+# The status of every pin-set without an expiry date, built once because every handshake reads it.
 _NO_EXPIRY_STATUS = PinSetStatus(NO_EXPIRY, None, None, True, "")
 
 
