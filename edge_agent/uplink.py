@@ -354,7 +354,7 @@ class Uplink:
             return
         # paho 2.x runs on_publish for a PUBACK while holding its reentrant _out_message_mutex,
         # and on_publish takes self._lock. Taking both in that order here rules out a deadlock.
-        # NOTE: _out_message_mutex is a private attribute (read in paho-mqtt 2.2, which is pinned below 3).
+        # NOTE: _out_message_mutex is a private attribute (read in paho-mqtt 2.1.0 and 2.2; pinned below 3).
         with client._out_message_mutex:
             with self._lock:
                 if self._sending:
