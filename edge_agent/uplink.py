@@ -7,19 +7,20 @@ message is sent again, oldest first, so order is kept and delivery is at
 least once.
 
 Threads: the thread that calls ``connect``, ``pump`` and ``close`` (the main
-loop) connects, notices lost sessions, starts sending after a connect or when
-new messages arrive while nothing is in flight, and closes. During a drain,
-paho's network thread does the rest from ``on_publish``: it maps the PUBACK
-to its spool row, reads the next batch from the spool and publishes it, and
-deletes acknowledged rows in batches. The main loop is woken only when
-nothing is left in flight or when the spool is due for a WAL checkpoint. It
-runs that checkpoint, so its fsyncs do not stall paho's thread (unless the
-main loop falls so far behind that SQLite's own checkpoint runs in the
-committing thread), and deletes rows acknowledged longer than
-``ACK_FLUSH_S`` ago. Keeping the per-message
-work in one thread saves the GIL hand-overs between the two threads: with
-that work in the main loop, a drain reached about 0.7 of the rate of a bare
-paho loop (``scripts/bench drain``).
+loop) connects, notices lost sessions and closes. It also starts sending
+after a connect, and when new messages arrive while nothing is in flight.
+During a drain, paho's network thread does the rest from ``on_publish``. It
+maps each PUBACK to its spool row, reads the next batch from the spool and
+publishes it, and deletes acknowledged rows in batches.
+
+The main loop is woken only when nothing is left in flight or when the spool
+is due for a WAL checkpoint. It runs that checkpoint, so that its fsyncs do
+not stall paho's thread. SQLite's own checkpoint still runs in the committing
+thread if the main loop falls far behind. The main loop also deletes rows
+acknowledged more than ``ACK_FLUSH_S`` ago. Keeping the per-message work in
+one thread saves GIL hand-overs between the two threads. With that work in
+the main loop, a drain reached about 0.7 of the rate of a bare paho loop
+(``scripts/bench drain``).
 
 The send state (packet id to row id map, acknowledged ids, last row sent) is
 shared by both threads under one lock. Each paho client carries the number of
@@ -29,6 +30,7 @@ under the same packet id in a new one.
 """
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -258,7 +260,8 @@ class Uplink:
 
         try:
             client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
-        except TimeoutError:
+        except (TimeoutError, socket.timeout):
+            # socket.timeout is an alias of TimeoutError from Python 3.10 on, a separate OSError on 3.9.
             return self._failed(
                 client, f"timeout: TCP connect or TLS handshake timed out after {self.broker.handshake_timeout_s:g} s"
             )

@@ -7,6 +7,7 @@ keys: ``live`` (pinned, in use), ``spare`` (pinned, the backup) and
 
 import datetime
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
@@ -24,6 +26,12 @@ from edge_agent.keys import san_entry
 from edge_agent.pinning import Pin, pin_from_public_key
 
 UTC = datetime.timezone.utc
+
+# Python 3.9's ssl module returns the broker's leaf only; 3.10 added get_verified_chain.
+needs_verified_chain = pytest.mark.skipif(
+    not hasattr(ssl._ssl._SSLSocket, "get_verified_chain"),
+    reason="this Python's ssl module exposes only the leaf certificate, not the verified chain",
+)
 
 
 @dataclass

@@ -12,7 +12,15 @@ from edge_agent.chainprobe import parse_host_port
 from edge_agent.cli import main
 from edge_agent.errors import EdgeAgentError
 from edge_agent.pinning import pin_from_certificate
-from pinhelpers import ResetServer, connection_lines, create_broker_keys, refused_before_mqtt, start_broker, wait_for_connections
+from pinhelpers import (
+    ResetServer,
+    connection_lines,
+    create_broker_keys,
+    needs_verified_chain,
+    refused_before_mqtt,
+    start_broker,
+    wait_for_connections,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -32,6 +40,7 @@ def broker_ca_pin(pki):
 # --- pin --connect --------------------------------------------------------------
 
 
+@needs_verified_chain
 def test_connect_lists_verified_chain(broker, write_config, pki, capsys):
     config = write_config(broker.port)
 
@@ -73,6 +82,7 @@ def test_connect_reports_unverified_chain(broker, pki, capsys):
     assert "result: REJECTED" in out
 
 
+@needs_verified_chain
 def test_connect_accepts_trust_anchor_pin(broker, write_config, pki, capsys):
     config = write_config(broker.port, broker={"pins": [str(pki.spare_pin), str(broker_ca_pin(pki))]})
 
@@ -94,6 +104,7 @@ def test_connect_rejects_unpinned_chain(broker, write_config, pki, capsys):
     assert "result: REJECTED: pin-mismatch" in out
 
 
+@needs_verified_chain
 def test_connect_warns_without_backup(broker, write_config, pki, capsys):
     config = write_config(broker.port, broker={"pins": [str(pki.broker_pin), str(broker_ca_pin(pki))]})
 
@@ -103,6 +114,7 @@ def test_connect_warns_without_backup(broker, write_config, pki, capsys):
     assert "warning: no configured pin is a backup" in out
 
 
+@needs_verified_chain
 def test_connect_json_document(broker, write_config, pki, capsys):
     config = write_config(broker.port)
 
@@ -155,6 +167,7 @@ def test_connect_missing_ca_file(tmp_path, capsys):
     assert f"{missing}: cannot load the CA file" in err
 
 
+@needs_verified_chain
 def test_connect_marks_pinned_extra(tmp_path, pki, write_config, mosquitto_binary, capsys):
     keys = create_broker_keys(tmp_path / "keys")
     extra = start_broker(
@@ -249,6 +262,7 @@ def test_config_check_connect_accepts(broker, write_config, capsys):
     assert "result: ACCEPTED" in out
 
 
+@needs_verified_chain
 def test_config_check_connect_warns_backup(broker, write_config, pki, capsys):
     config = write_config(broker.port, broker={"pins": [str(pki.broker_pin), str(broker_ca_pin(pki))]})
 
